@@ -1,0 +1,52 @@
+"""Typed stage configs from ml_collections dicts, strict about unknown and mistyped keys.
+
+Every stage keeps its settings in a frozen dataclass; the user's config file holds a
+`ConfigDict` per stage. `dataclass_from_dict` is the one bridge between them, so a typo in a
+config file (`lerning_rate`) is an error naming the key and the section, never a silent default.
+"""
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _to_plain(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return value
+
+
+def dataclass_from_dict(cls: type[T], mapping: Mapping[str, Any] | None, where: str) -> T:
+    """Builds dataclass `cls` from `mapping`; unknown keys raise a ValueError naming `where`.
+
+    Nested dataclass fields are built recursively from nested mappings; tuples are converted from
+    lists so the result stays hashable (configs are static arguments of jitted functions).
+    """
+    mapping = dict(_to_plain(mapping) or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown config key(s) {unknown}; expected some of {sorted(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in mapping.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            value = dataclass_from_dict(hint, value, f"{where}.{name}")
+        elif _is_tuple_hint(hint) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _is_tuple_hint(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_tuple_hint(arg) for arg in typing.get_args(hint))
+    return hint is tuple or origin is tuple

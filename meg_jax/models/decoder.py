@@ -1,0 +1,173 @@
+"""The host LLM: a pure-functional Flax decoder with stacked layers and the dynamic-neuron patch.
+
+Axes: B batch, T tokens, S KV-cache slots, D model width, V vocabulary, L layers.
+
+Parameters (a plain pytree):
+    embed/embedding [V, D]; layers/<Block params with a leading L axis>; final_norm/...;
+    lm_head/{kernel [D, V], bias [V]} unless the embeddings are tied.
+
+The L layers are one stacked pytree run with `lax.scan`, so compile time does not grow with
+depth. The layer that carries the neuron (`config.neuron_layer`) is run on its own between two
+scans: the scanned body never sees a neuron, and the neuron layer's inputs and outputs are
+reachable for split execution (`hidden_before` / `logits_from`), which weight collection uses to
+run the frozen prefix once and only the suffix at every optimisation step.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from meg_jax.models.block import Block, LayerCache
+from meg_jax.models.config import LMConfig
+from meg_jax.models.layers import make_norm
+from meg_jax.models.neuron import Neuron
+
+# A KV cache: one stacked LayerCache per segment (layers below, at, and above the neuron layer).
+DecoderCache = tuple[LayerCache, LayerCache, LayerCache]
+
+
+def default_positions(attention_mask: jnp.ndarray) -> jnp.ndarray:
+    """Positions [B, T] that count only real tokens, so left padding does not shift them (as HF)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Decoder(nn.Module):
+    """GPT-J, Phi-2 or Llama-family causal LM, as chosen by `config.arch`."""
+
+    config: LMConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embed = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_dtype
+        )
+        self.layers = self.param("layers", self._init_layers)
+        self.final_norm = make_norm(cfg, "final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Dense(
+                cfg.vocab_size,
+                use_bias=cfg.lm_head_bias,
+                dtype=cfg.jnp_dtype,
+                param_dtype=cfg.jnp_dtype,
+            )
+
+    def _init_layers(self, rng):
+        cfg = self.config
+        x = jnp.zeros((1, 1, cfg.d_model), cfg.jnp_dtype)
+        pos = jnp.zeros((1, 1), jnp.int32)
+        mask = jnp.ones((1, 1), bool)
+        block = Block(cfg, parent=None)
+        rngs = jax.random.split(rng, cfg.n_layers)
+        return jax.vmap(lambda r: block.init(r, x, pos, mask)["params"])(rngs)
+
+    # ---- pieces -------------------------------------------------------------------------------
+
+    def _run(self, h, start, stop, positions, key_mask, cache, cache_index, neuron):
+        """Layers [start, stop) on h[B, T, D]; returns (h, new cache stack or None)."""
+        if stop <= start:
+            return h, cache
+        block = Block(self.config, parent=None)
+        params = jax.tree.map(lambda p: p[start:stop], self.layers)
+
+        if neuron is not None:  # a single layer, the neuron layer
+            squeeze = jax.tree.map(lambda p: p[0], (params, cache))
+            layer_cache = squeeze[1] if cache is not None else None
+            h, new_cache = block.apply(
+                {"params": squeeze[0]}, h, positions, key_mask, layer_cache, cache_index, neuron
+            )
+            if new_cache is not None:
+                new_cache = jax.tree.map(lambda c: c[None], new_cache)
+            return h, new_cache
+
+        def body(carry, xs):
+            layer_params, layer_cache = xs
+            out, new_cache = block.apply(
+                {"params": layer_params}, carry, positions, key_mask, layer_cache, cache_index
+            )
+            return out, new_cache
+
+        return jax.lax.scan(body, h, (params, cache))
+
+    def _segments(self, start: int, stop: int):
+        """Splits [start, stop) into (below, at, above) the neuron layer; empty pieces kept."""
+        k = self.config.neuron_layer
+        below = (start, min(stop, k))
+        at = (max(start, k), min(stop, k + 1))
+        above = (max(start, k + 1), stop)
+        return below, at, above
+
+    def _layers(self, h, start, stop, positions, key_mask, neuron, cache=None, cache_index=0):
+        caches = cache if cache is not None else (None, None, None)
+        new_caches = []
+        for (a, b), seg_cache, seg_neuron in zip(
+            self._segments(start, stop), caches, (None, neuron, None), strict=True
+        ):
+            h, seg_cache = self._run(
+                h, a, b, positions, key_mask, seg_cache, cache_index, seg_neuron
+            )
+            new_caches.append(seg_cache)
+        return h, (tuple(new_caches) if cache is not None else None)
+
+    def _head(self, h: jnp.ndarray) -> jnp.ndarray:
+        h = self.final_norm(h)
+        if self.config.tie_embeddings:
+            return self.embed.attend(h)
+        return self.lm_head(h)
+
+    @staticmethod
+    def _mask_and_positions(tokens, attention_mask, positions):
+        if attention_mask is None:
+            attention_mask = jnp.ones(tokens.shape, bool)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = default_positions(attention_mask)
+        return attention_mask, positions
+
+    # ---- public entry points (use with `model.apply(params, ..., method=...)`) -----------------
+
+    def __call__(self, tokens, attention_mask=None, positions=None, neuron: Neuron | None = None):
+        """Logits [B, T, V] for tokens[B, T]; `neuron` patches `config.neuron_layer`."""
+        attention_mask, positions = self._mask_and_positions(tokens, attention_mask, positions)
+        h = self.embed(tokens)
+        h, _ = self._layers(h, 0, self.config.n_layers, positions, attention_mask, neuron)
+        return self._head(h)
+
+    def hidden_before(self, tokens, attention_mask=None, positions=None, stop: int | None = None):
+        """The residual stream [B, T, D] entering layer `stop` (default: the neuron layer)."""
+        stop = self.config.neuron_layer if stop is None else stop
+        attention_mask, positions = self._mask_and_positions(tokens, attention_mask, positions)
+        h, _ = self._layers(self.embed(tokens), 0, stop, positions, attention_mask, None)
+        return h
+
+    def logits_from(
+        self, hidden, attention_mask, positions=None, neuron=None, start: int | None = None
+    ):
+        """Logits [B, T, V] from the residual stream entering layer `start` (default: neuron's)."""
+        start = self.config.neuron_layer if start is None else start
+        attention_mask, positions = self._mask_and_positions(
+            hidden[..., 0], attention_mask, positions
+        )
+        h, _ = self._layers(hidden, start, self.config.n_layers, positions, attention_mask, neuron)
+        return self._head(h)
+
+    def decode(self, tokens, cache: DecoderCache, cache_index, key_mask, positions, neuron=None):
+        """Writes tokens[B, T] at slots [cache_index, cache_index + T); returns (logits, cache).
+
+        `key_mask[B, S]` marks which cache slots hold real tokens (left padding is masked out).
+        """
+        h = self.embed(tokens)
+        h, cache = self._layers(
+            h, 0, self.config.n_layers, positions, key_mask, neuron, cache, cache_index
+        )
+        return self._head(h), cache
+
+
+def init_cache(config: LMConfig, batch: int, length: int) -> DecoderCache:
+    """An all-zero KV cache for `length` slots, split by segment around the neuron layer."""
+    k = config.neuron_layer
+
+    def stack(n_layers: int) -> LayerCache:
+        shape = (n_layers, batch, length, config.n_kv_heads, config.head_dim)
+        return LayerCache(jnp.zeros(shape, config.jnp_dtype), jnp.zeros(shape, config.jnp_dtype))
+
+    return stack(k), stack(1), stack(config.n_layers - k - 1)
