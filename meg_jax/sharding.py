@@ -63,10 +63,29 @@ def match_partition_rules(rules: PartitionRules, params) -> dict:
     return unflatten_tree(specs)
 
 
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`spec` with each split dimension that the mesh axis does not divide left whole.
+
+    E.g. GPT-2's vocabulary of 50257 cannot be split over 2 devices; the tensor is then
+    replicated along that dimension rather than refused.
+    """
+    fitted = []
+    for dim, axis in enumerate(spec):
+        size = mesh.shape[axis] if isinstance(axis, str) else 1
+        fitted.append(axis if shape[dim] % size == 0 else None)
+    return P(*fitted)
+
+
 def param_shardings(mesh: Mesh, rules: PartitionRules, params) -> dict:
     """NamedShardings for `params` under `rules` on `mesh`."""
-    specs = match_partition_rules(rules, params)
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+    specs = flatten_tree(match_partition_rules(rules, params))
+    shapes = {path: leaf.shape for path, leaf in flatten_tree(params).items()}
+    return unflatten_tree(
+        {
+            path: NamedSharding(mesh, _fit_spec(spec, shapes[path], mesh))
+            for path, spec in specs.items()
+        }
+    )
 
 
 def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -20,11 +20,11 @@ def _save(model, path: Path, **save_kwargs) -> Path:
     return path
 
 
-def tiny_llama(path: Path, tie: bool = False, **save_kwargs):
+def tiny_llama(path: Path, tie: bool = False, vocab: int = VOCAB, **save_kwargs):
     """GQA (4 query heads over 2 KV heads) with llama3 rope scaling."""
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=96,
         num_hidden_layers=3,

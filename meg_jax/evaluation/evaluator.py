@@ -1,0 +1,231 @@
+"""The evaluator: MeG's six readings (protocol P5) and the classic P1/P2 metrics, batched.
+
+Axes: N records, Q queries (up to 3 per record: Rel, Gen, Loc), D model width.
+
+An *editor* is any function from raw query strings to one neuron per query (`Neuron` of host
+numpy arrays [Q, D]): the MeG pipeline (router, then generator or the zero neuron), a fixed
+bank lookup, or `zero_editor` for the unedited model. The evaluator asks the editor once for all
+queries, then runs every model computation through `ModelRunner` in large jitted batches, so
+thousands of records cost a few compiled programs. The neuron of a query is used for the whole
+of that query's generation and for all its teacher-forced steps (METHOD.md §2.1).
+
+Per record (METHOD.md §1.3): Rel on the edit prompt, Gen on the first paraphrase, Loc on the
+first locality prompt against the unedited model's greedy answer (`loc_labels`). AG is the
+processed greedy continuation compared as a string; TF is the reference's re-tokenised token
+accuracy ("reference") or the single-forward variant ("fast").
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from meg_jax.data.records import EditRecord
+from meg_jax.data.templates import PromptTemplate
+from meg_jax.evaluation import classic
+from meg_jax.evaluation.metrics import (
+    answer_ag_correct,
+    locality_ag_correct,
+    meg_score,
+    percent,
+)
+from meg_jax.evaluation.runner import ModelRunner, take_rows
+from meg_jax.evaluation.teacher_forcing import (
+    TargetQuery,
+    build_target_query,
+    build_tf_queries,
+    tf_accuracy,
+)
+from meg_jax.models.neuron import Neuron
+
+Editor = Callable[[Sequence[str]], Neuron]
+KINDS = ("rel", "gen", "loc")
+SIX = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation settings (the `evaluation` section of a config file)."""
+
+    batch_size: int = 32
+    max_new_tokens: int = 20
+    tf_mode: str = "reference"  # or "fast"
+    match_rule: str = "exact"  # or "startswith" (the reference's lenient baseline path)
+    classic: bool = False  # also compute MEMIT zsRE / CounterFact metrics
+    limit: int = 0  # evaluate only the first `limit` records (0: all)
+
+
+def zero_editor(d_model: int) -> Editor:
+    """The unedited model: every query gets the all-zero neuron."""
+
+    def editor(queries: Sequence[str]) -> Neuron:
+        q = len(queries)
+        return Neuron(
+            np.zeros((q, d_model), np.float32),
+            np.zeros((q,), np.float32),
+            np.zeros((q, d_model), np.float32),
+        )
+
+    return editor
+
+
+@dataclasses.dataclass
+class _Query:
+    record: int
+    kind: str  # rel | gen | loc
+    text: str  # the raw query (what the editor sees)
+    target: str  # target_new, or the pre-edit answer for loc
+
+
+def _queries(records: Sequence[EditRecord], loc_labels: Sequence[str] | None) -> list[_Query]:
+    out = []
+    for i, record in enumerate(records):
+        out.append(_Query(i, "rel", record.prompt, record.target_new))
+        if record.paraphrases:
+            out.append(_Query(i, "gen", record.paraphrases[0], record.target_new))
+        if record.locality_prompts and loc_labels is not None:
+            out.append(_Query(i, "loc", record.locality_prompts[0], loc_labels[i]))
+    return out
+
+
+def _tf_flags(runner, template, queries, neurons, mode: str) -> list[np.ndarray]:
+    """Per query the bool flags of its target tokens under teacher forcing."""
+    tok = runner.tokenizer
+    prompts = [template.format_query(q.text) for q in queries]
+    if mode == "fast":
+        tq = [build_target_query(tok, p, q.target) for p, q in zip(prompts, queries, strict=True)]
+        scores = runner.scores([t.input_ids for t in tq], neurons)
+        return [
+            argmax[t.target_start - 1 : t.target_start - 1 + len(t.target_ids)]
+            == np.asarray(t.target_ids)
+            for t, (argmax, _) in zip(tq, scores, strict=True)
+        ]
+    if mode != "reference":
+        raise ValueError(f"evaluation.tf_mode: expected 'reference' or 'fast', got {mode!r}")
+    steps = [build_tf_queries(tok, p, q.target) for p, q in zip(prompts, queries, strict=True)]
+    owner = np.repeat(np.arange(len(steps)), [len(s) for s in steps])
+    flat = [s for query_steps in steps for s in query_steps]
+    scores = runner.scores([s.input_ids for s in flat], take_rows(neurons, owner))
+    hits = np.asarray(
+        [argmax[-1] == s.expected_id for s, (argmax, _) in zip(flat, scores, strict=True)]
+    )
+    bounds = np.cumsum([0] + [len(s) for s in steps])
+    return [hits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def evaluate_meg(
+    runner: ModelRunner,
+    records: Sequence[EditRecord],
+    template: PromptTemplate,
+    editor: Editor,
+    loc_labels: Sequence[str] | None,
+    cfg: EvalConfig = EvalConfig(),
+) -> tuple[list[dict], dict]:
+    """MeG P5 over `records`: (per-record rows, summary with the six readings and Score)."""
+    if cfg.limit:
+        records = records[: cfg.limit]
+        loc_labels = None if loc_labels is None else loc_labels[: cfg.limit]
+    queries = _queries(records, loc_labels)
+    neurons = editor([q.text for q in queries])
+    if len(neurons.w_in) != len(queries):
+        raise ValueError(f"editor returned {len(neurons.w_in)} neurons for {len(queries)} queries")
+    prompts = [template.format_query(q.text) for q in queries]
+    continuations = runner.generate(prompts, neurons, cfg.max_new_tokens)
+    tf = _tf_flags(runner, template, queries, neurons, cfg.tf_mode)
+
+    rows = [{"id": r.id, "prompt": r.prompt, "target": r.target_new} for r in records]
+    by_kind: dict[str, list[int]] = {k: [] for k in KINDS}
+    for i, q in enumerate(queries):
+        by_kind[q.kind].append(i)
+    summary: dict = {"n_records": len(records)}
+    for kind, idx in by_kind.items():
+        if not idx:
+            continue
+        conts = [continuations[i] for i in idx]
+        targets = [queries[i].target for i in idx]
+        if kind == "loc":
+            ag = locality_ag_correct(conts, targets, template.locality_cuts)
+        else:
+            ag = answer_ag_correct(conts, targets, template.answer_cuts, cfg.match_rule)
+        flags = [tf[i] for i in idx]
+        summary[f"{kind}_ag"] = percent(ag)
+        summary[f"{kind}_tf"] = tf_accuracy(flags)
+        summary[f"n_{kind}"] = len(idx)
+        for i, ok, f, c in zip(idx, ag, flags, conts, strict=True):
+            row = rows[queries[i].record]
+            row[f"{kind}_query"] = queries[i].text
+            row[f"{kind}_prediction"] = c
+            row[f"{kind}_ag"] = bool(ok)
+            row[f"{kind}_tf"] = float(np.mean(f))
+    if all(k in summary for k in SIX):
+        summary["score"] = meg_score(*(summary[k] for k in SIX))
+    return rows, summary
+
+
+def evaluate_classic(
+    runner: ModelRunner, records: Sequence[EditRecord], editor: Editor, dataset: str
+) -> dict:
+    """MEMIT's P1 (zsRE token accuracy) or P2 (CounterFact ES/PS/NS) on raw prompts.
+
+    Every prompt of a record is scored with the neuron the editor gives that prompt.
+    """
+    tok = runner.tokenizer
+    if dataset == "zsre":
+        per_record = [classic.memit_zsre_queries(tok, r) for r in records]
+    elif dataset == "counterfact":
+        per_record = [classic.counterfact_queries(tok, r) for r in records]
+    else:
+        raise ValueError(f"classic: dataset must be 'zsre' or 'counterfact', not {dataset!r}")
+    # Every (prompt, query) pair flattened to sequences, each tagged with its prompt's neuron.
+    texts = list(
+        dict.fromkeys(text for q in per_record for group in q.values() for text, _ in group)
+    )
+    index = {t: i for i, t in enumerate(texts)}
+    neurons = editor(texts)
+    flat, labels, owners = [], [], []
+    for queries in per_record:
+        for group in queries.values():
+            for text, item in group:
+                for q in item:
+                    flat.append(q.input_ids)
+                    labels.append(_labels(q))
+                    owners.append(index[text])
+    scores = iter(runner.scores(flat, take_rows(neurons, np.asarray(owners)), labels))
+    cases = []
+    for queries in per_record:
+        if dataset == "zsre":
+            cases.append(
+                {
+                    key: [
+                        bool(next(scores)[0][-1] == step.expected_id)
+                        for _, steps in group
+                        for step in steps
+                    ]
+                    for key, group in queries.items()
+                }
+            )
+        else:
+            logprobs = {
+                key: [
+                    tuple(_target_logprobs(q, next(scores)[1]) for q in pair) for _, pair in group
+                ]
+                for key, group in queries.items()
+            }
+            cases.append(classic.counterfact_case(logprobs))
+    if dataset == "zsre":
+        return classic.memit_zsre_summary(cases)
+    return classic.counterfact_summary(cases)
+
+
+def _labels(query) -> tuple[int, ...]:
+    """The token scored at each position: the next input token, and the last target token at
+    the end of a target query (a TF step query scores nothing: its labels are unused)."""
+    if isinstance(query, TargetQuery):
+        return (*query.input_ids[1:], query.target_ids[-1])
+    return query.input_ids
+
+
+def _target_logprobs(query: TargetQuery, label_logp: np.ndarray) -> np.ndarray:
+    """Log-probs [m] of a target query's target tokens from its per-position label log-probs."""
+    first = query.target_start - 1
+    return label_logp[first : first + len(query.target_ids)]

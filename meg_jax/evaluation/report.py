@@ -1,0 +1,65 @@
+"""Evaluation outputs: per-example JSONL, a summary JSON, a printed table and a bar chart.
+
+All files are written atomically (temporary name, then rename), so a crashed run never leaves a
+result that looks complete.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from meg_jax.data.jsonio import write_bytes_atomic, write_json_atomic
+from meg_jax.evaluation.evaluator import SIX
+
+LABELS = {
+    "rel_ag": "Rel AG",
+    "rel_tf": "Rel TF",
+    "gen_ag": "Gen AG",
+    "gen_tf": "Gen TF",
+    "loc_ag": "Loc AG",
+    "loc_tf": "Loc TF",
+}
+
+
+def format_table(summary: dict, title: str = "MeG protocol (P5)") -> str:
+    """A fixed-width table of the six readings and the Score."""
+    keys = [k for k in SIX if k in summary]
+    head = " | ".join(f"{LABELS[k]:>7}" for k in keys) + " |   Score"
+    cells = " | ".join(f"{summary[k]:7.2f}" for k in keys)
+    score = summary.get("score")
+    cells += f" | {score:7.2f}" if score is not None else " |       -"
+    return f"{title} (n={summary.get('n_records', '?')})\n{head}\n{cells}"
+
+
+def plot_six(summary: dict, path: Path, title: str) -> None:
+    """Bar chart PNG of the six readings (and the Score)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in SIX if k in summary]
+    names = [LABELS[k] for k in keys] + (["Score"] if "score" in summary else [])
+    values = [summary[k] for k in keys] + ([summary["score"]] if "score" in summary else [])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(names, values, color=["#4c72b0", "#55a868"] * 3 + ["#c44e52"])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(out_dir, rows: Sequence[dict], summary: dict, title: str) -> str:
+    """Writes examples.jsonl, summary.json and metrics.png under `out_dir`; returns the table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_bytes_atomic(out_dir / "examples.jsonl", lines.encode("utf-8"))
+    write_json_atomic(out_dir / "summary.json", summary)
+    plot_six(summary, out_dir / "metrics.png", title)
+    return format_table(summary, title)

@@ -1,0 +1,137 @@
+"""Runs the host LLM for the evaluator: batched, sharded, jitted, one neuron per row.
+
+Axes: Q queries, B rows per batch, T tokens, D model width, V vocabulary.
+
+Everything the metrics need from the model reduces to two device computations, so only small
+integer/float arrays ever come back to the host (never [B, T, V] logits):
+  * greedy continuations (AG), via `meg_jax.models.generate.greedy_generate`;
+  * per position: the argmax token and the log-probability of the next given token (TF, and the
+    classic NLL metrics).
+Queries are processed longest first in fixed-size batches (padded with dummy rows), so a run
+compiles one program per length bucket, and results are scattered back to the caller's order:
+the output never depends on batch composition order. Batches are split over the mesh's "data"
+axis; the parameters keep whatever sharding they were loaded with (e.g. over "model").
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from meg_jax.evaluation.teacher_forcing import pad_right
+from meg_jax.models.config import LMConfig
+from meg_jax.models.decoder import Decoder
+from meg_jax.models.generate import greedy_generate, left_pad
+from meg_jax.models.neuron import Neuron
+from meg_jax.sharding import make_mesh, shard_batch
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _scores(config: LMConfig, params, ids, mask, labels, neuron):
+    """(argmax [B, T], log p(labels[:, t]) at t [B, T]) of a right-padded batch."""
+    logits = Decoder(config).apply({"params": params}, ids, mask, None, neuron)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    label_logp = jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), label_logp
+
+
+def take_rows(neurons: Neuron, rows: np.ndarray) -> Neuron:
+    """The neurons of `rows` (host numpy arrays)."""
+    return Neuron(*(np.asarray(x)[rows] for x in neurons))
+
+
+class ModelRunner:
+    """A host model ready for evaluation: config, parameters, tokenizer and a mesh."""
+
+    def __init__(
+        self,
+        config: LMConfig,
+        params,
+        tokenizer,
+        *,
+        mesh: Mesh | None = None,
+        batch_size: int = 32,
+        bucket: int = 16,
+        show_progress: bool = True,
+    ):
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.mesh = mesh if mesh is not None else make_mesh()
+        data = self.mesh.shape["data"]
+        if batch_size % data:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of the data axis {data}")
+        self.batch_size, self.bucket, self.show_progress = batch_size, bucket, show_progress
+
+    def _batches(self, lengths: Sequence[int], desc: str):
+        """Index arrays of fixed-size batches, longest sequences first."""
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc=desc, disable=not self.show_progress, leave=False):
+            yield order[start : start + self.batch_size]
+
+    def _padded_neurons(self, neurons: Neuron, rows: np.ndarray) -> Neuron:
+        pad = self.batch_size - len(rows)
+        rows = np.concatenate([rows, np.repeat(rows[-1:], pad)])
+        return take_rows(neurons, rows)
+
+    def _fill(self, rows: list, n_real: int) -> list:
+        return rows + [rows[-1]] * (self.batch_size - n_real)
+
+    def _run_batches(self, items, lengths, neurons, desc, run_batch: Callable) -> list:
+        out: list = [None] * len(items)
+        for rows in self._batches(lengths, desc):
+            batch = self._fill([items[r] for r in rows], len(rows))
+            neuron = self._padded_neurons(neurons, rows)
+            for r, value in zip(rows, run_batch(batch, neuron), strict=False):
+                out[r] = value
+        return out
+
+    def generate(self, prompts: Sequence[str], neurons: Neuron, max_new_tokens: int) -> list[str]:
+        """Greedy continuations (special tokens skipped) of `prompts`, each with its neuron."""
+        sequences = [self.tokenizer(p)["input_ids"] for p in prompts]
+        stop_ids = tuple(self.config.eos_token_ids)
+
+        def run(batch, neuron):
+            tokens, mask = left_pad(batch, self.config.pad_token_id, bucket=self.bucket)
+            tokens, mask, neuron = shard_batch(self.mesh, (tokens, mask, neuron))
+            new = greedy_generate(
+                self.config,
+                self.params,
+                tokens,
+                mask,
+                neuron,
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids,
+            )
+            return self.tokenizer.batch_decode(np.asarray(new), skip_special_tokens=True)
+
+        lengths = [len(s) for s in sequences]
+        return self._run_batches(sequences, lengths, neurons, "generate", run)
+
+    def scores(
+        self,
+        sequences: Sequence[Sequence[int]],
+        neurons: Neuron,
+        labels: Sequence[Sequence[int]] | None = None,
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence: (argmax [T], log p(label[t]) at each position t [T]) under its neuron.
+
+        `labels[i]` has one token per position of `sequences[i]` (e.g. the sequence shifted by
+        one plus the final target token); by default only the argmax is meaningful.
+        """
+        if labels is None:
+            labels = sequences
+        pairs = list(zip(sequences, labels, strict=True))
+
+        def run(batch, neuron):
+            ids, mask = pad_right([s for s, _ in batch], self.config.pad_token_id, self.bucket)
+            lab, _ = pad_right([lab for _, lab in batch], self.config.pad_token_id, self.bucket)
+            ids, mask, lab, neuron = shard_batch(self.mesh, (ids, mask, lab, neuron))
+            argmax, logp = jax.device_get(_scores(self.config, self.params, ids, mask, lab, neuron))
+            return [(argmax[i, : len(s)], logp[i, : len(s)]) for i, (s, _) in enumerate(batch)]
+
+        lengths = [len(s) for s in sequences]
+        return self._run_batches(pairs, lengths, neurons, "score", run)

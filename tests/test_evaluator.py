@@ -1,0 +1,191 @@
+"""The batched evaluator on a tiny random Llama with the real GPT-2 tokenizer and real records.
+
+The independent reference is a batch-1 loop over the same records that calls the model once per
+query with plain numpy post-processing, i.e. the reference's way of evaluating.
+"""
+
+import json
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_with_fake_devices
+from hf_tiny import tiny_llama
+from transformers import AutoTokenizer
+
+from meg_jax.checkpoints.hf_decoder import load_hf_decoder
+from meg_jax.data.preprocess import pre_edit_answers
+from meg_jax.data.readers import read_edits
+from meg_jax.data.templates import get_template
+from meg_jax.evaluation.evaluator import EvalConfig, evaluate_classic, evaluate_meg, zero_editor
+from meg_jax.evaluation.metrics import postprocess_answer
+from meg_jax.evaluation.report import write_report
+from meg_jax.evaluation.runner import ModelRunner
+from meg_jax.models.decoder import Decoder
+from meg_jax.models.generate import greedy_generate
+from meg_jax.models.neuron import Neuron
+
+GPT2_VOCAB = 50257
+N_RECORDS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(shared_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama(path, vocab=GPT2_VOCAB)
+    config, params = load_hf_decoder(
+        path, neuron_layer=1, eos_token_ids=(50256,), pad_token_id=50256
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        shared_data / "tokenizers" / "gpt2", local_files_only=True
+    )
+    records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=N_RECORDS)
+    return config, params, tokenizer, records, path
+
+
+def _random_editor(d_model: int, seed: int = 0):
+    """A deterministic per-query neuron (CRC of the text, stable across processes), large
+    enough to change outputs."""
+
+    def editor(queries):
+        rows = [np.random.default_rng(zlib.crc32(q.encode()) + seed) for q in queries]
+        w_in = np.stack([r.normal(size=d_model) for r in rows]).astype(np.float32)
+        w_out = np.stack([r.normal(size=d_model) * 3 for r in rows]).astype(np.float32)
+        return Neuron(w_in, np.zeros(len(queries), np.float32), w_out)
+
+    return editor
+
+
+def test_unedited_model_has_full_locality(setup):
+    config, params, tokenizer, records, _ = setup
+    template = get_template("smollm2")
+    runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
+    zero = zero_editor(config.d_model)
+    labels = pre_edit_answers(
+        [r.locality_prompts[0] for r in records],
+        template,
+        lambda prompts: runner.generate(prompts, zero(prompts), 20),
+    )
+    rows, summary = evaluate_meg(runner, records, template, zero, labels, EvalConfig(batch_size=4))
+    assert summary["loc_ag"] == 100.0
+    assert summary["n_rel"] == summary["n_gen"] == summary["n_loc"] == N_RECORDS
+    assert len(rows) == N_RECORDS and set(rows[0]) >= {"rel_ag", "gen_tf", "loc_prediction"}
+
+
+def _batch1_reference(config, params, tokenizer, records, template, editor):
+    """Rel AG and Rel TF (fast form) one query at a time with plain argmax loops."""
+    model = Decoder(config)
+    ag, tf = [], []
+    for r in records:
+        neuron = editor([r.prompt])
+        neuron = Neuron(*(jnp.asarray(x) for x in neuron))
+        ids = tokenizer(template.format_query(r.prompt))["input_ids"]
+        tokens = jnp.asarray([ids], jnp.int32)
+        new = greedy_generate(
+            config,
+            params,
+            tokens,
+            jnp.ones_like(tokens, bool),
+            neuron,
+            max_new_tokens=20,
+            stop_ids=(50256,),
+        )
+        text = tokenizer.decode(np.asarray(new[0]), skip_special_tokens=True)
+        pred = postprocess_answer(text, template.answer_cuts)
+        ag.append(pred.lower() == (" " + r.target_new).lower())
+        target = tokenizer(" " + r.target_new, add_special_tokens=False)["input_ids"]
+        seq = jnp.asarray([ids + target[:-1]], jnp.int32)
+        logits = model.apply({"params": params}, seq, neuron=neuron)
+        pred_ids = np.asarray(jnp.argmax(logits[0, len(ids) - 1 :], axis=-1))
+        tf.append(np.mean(pred_ids == np.asarray(target)))
+    return ag, tf
+
+
+def test_batched_equals_batch1_loop(setup):
+    config, params, tokenizer, records, _ = setup
+    template = get_template("smollm2")
+    editor = _random_editor(config.d_model)
+    runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
+    rows, _ = evaluate_meg(
+        runner, records, template, editor, None, EvalConfig(batch_size=4, tf_mode="fast")
+    )
+    ag, tf = _batch1_reference(config, params, tokenizer, records, template, editor)
+    assert [row["rel_ag"] for row in rows] == ag
+    np.testing.assert_allclose([row["rel_tf"] for row in rows], tf)
+    # The neuron must matter, or this test could not tell neurons apart.
+    zero_rows, _ = evaluate_meg(
+        runner,
+        records,
+        template,
+        zero_editor(config.d_model),
+        None,
+        EvalConfig(batch_size=4, tf_mode="fast"),
+    )
+    assert [r["rel_prediction"] for r in rows] != [r["rel_prediction"] for r in zero_rows]
+
+
+def test_classic_counterfact_and_report(setup, tmp_path):
+    config, params, tokenizer, records, _ = setup
+    runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
+    summary = evaluate_classic(runner, records, zero_editor(config.d_model), "counterfact")
+    assert set(summary) >= {"ES", "PS", "NS", "score"}
+    # ES by hand: mean NLL of each target after the prompt, one full forward per target.
+    model = Decoder(config)
+    wins = []
+    for r in records:
+        nll = []
+        for target in (r.target_new, r.target_true):
+            p_ids = tokenizer(r.prompt)["input_ids"]
+            t_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+            logits = model.apply({"params": params}, jnp.asarray([p_ids + t_ids], jnp.int32))
+            logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)))
+            nll.append(-np.mean([logp[len(p_ids) - 1 + j, t] for j, t in enumerate(t_ids)]))
+        wins.append(nll[0] < nll[1])
+    assert summary["ES"] == pytest.approx(100.0 * np.mean(wins))
+    rows, meg = evaluate_meg(
+        runner, records, get_template("smollm2"), zero_editor(config.d_model), None
+    )
+    table = write_report(tmp_path, rows, meg, "tiny")
+    assert "Rel AG" in table
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    lines = (tmp_path / "examples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == [r.id for r in records]
+
+
+def test_sharded_evaluator_matches_single_device(setup):
+    config, params, tokenizer, records, path = setup
+    template = get_template("smollm2")
+    runner = ModelRunner(config, params, tokenizer, batch_size=8, show_progress=False)
+    editor = _random_editor(config.d_model)
+    rows, _ = evaluate_meg(runner, records, template, editor, None, EvalConfig(tf_mode="fast"))
+    code = f"""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import numpy as np
+    from transformers import AutoTokenizer
+    from test_evaluator import _random_editor
+    from meg_jax.checkpoints.hf_decoder import load_hf_decoder
+    from meg_jax.data.readers import read_edits
+    from meg_jax.data.templates import get_template
+    from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg
+    from meg_jax.evaluation.runner import ModelRunner
+    from meg_jax.sharding import DECODER_RULES, make_mesh, param_shardings
+    mesh = make_mesh(data=4, model=2)
+    config, params = load_hf_decoder(
+        {str(path)!r}, neuron_layer=1, eos_token_ids=(50256,), pad_token_id=50256,
+        shardings_fn=lambda cfg, abstract: param_shardings(mesh, DECODER_RULES, abstract),
+    )
+    tok = AutoTokenizer.from_pretrained({str(tokenizer.name_or_path)!r}, local_files_only=True)
+    records = read_edits({str(records[0].source.file)!r}, limit={N_RECORDS})
+    runner = ModelRunner(config, params, tok, mesh=mesh, batch_size=8, show_progress=False)
+    rows, _ = evaluate_meg(runner, records, get_template("smollm2"),
+                           _random_editor(config.d_model), None, EvalConfig(tf_mode="fast"))
+    print(json.dumps(rows))
+    """
+    sharded = json.loads(run_with_fake_devices(code).strip().splitlines()[-1])
+    for a, b in zip(rows, sharded, strict=True):
+        assert a["rel_prediction"] == b["rel_prediction"]
+        assert a["gen_prediction"] == b["gen_prediction"]
+        assert a["rel_tf"] == pytest.approx(b["rel_tf"])
