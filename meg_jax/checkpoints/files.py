@@ -102,6 +102,24 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def _torch_names(flax_tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF Flax leaf names -> the PyTorch names the key maps use (as HF's own flax->pt loader).
+
+    A Dense `kernel` [in, out] is a Linear `weight` [out, in]; an Embed `embedding` and a
+    LayerNorm `scale` are plain `weight`s. Leaves already named `weight`/`bias` (Flax Llama's
+    RMSNorm) pass through.
+    """
+    out = {}
+    for name, array in flax_tensors.items():
+        stem, _, leaf = name.rpartition(".")
+        if leaf == "kernel" and array.ndim == 2:
+            name, array = f"{stem}.weight", array.T
+        elif leaf in ("embedding", "scale"):
+            name = f"{stem}.weight"
+        out[name] = array
+    return out
+
+
 def _open_weights(directory: Path) -> TensorStore:
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
@@ -128,7 +146,7 @@ def _open_weights(directory: Path) -> TensorStore:
         from flax import serialization
 
         tree = serialization.msgpack_restore(msgpack.read_bytes())
-        return TensorStore.from_arrays(msgpack, _flatten(tree))
+        return TensorStore.from_arrays(msgpack, _torch_names(_flatten(tree)))
     if torch_bin.exists():
         try:
             import torch
