@@ -50,3 +50,24 @@ def _is_tuple_hint(hint: Any) -> bool:
     if origin in (typing.Union, types.UnionType):
         return any(_is_tuple_hint(arg) for arg in typing.get_args(hint))
     return hint is tuple or origin is tuple
+
+
+def parse_arg(arg: str | None, **defaults):
+    """A config file's variant string, `"smoke,n=64"` -> {smoke: True, n: 64}, over `defaults`.
+
+    Values take the type of their default; an unknown key is an error naming the known ones.
+    """
+    import ml_collections
+
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"unknown config variant {key!r}; known: {sorted(defaults)}")
+        if not value:
+            out[key] = True
+        elif isinstance(defaults[key], bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(defaults[key])(value)
+    return out

@@ -1,0 +1,63 @@
+"""What every benchmark shares: the machine description, timing, and the atomic JSON result."""
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+RESULTS = REPO / "bench" / "results"
+SHARED = REPO.parent / "shared" / "data"
+
+
+def machine() -> dict:
+    """Platform, processor, core count and library versions, for the result file."""
+    import jax
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_devices": [str(d) for d in jax.devices()],
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def timed(fn, *args, **kwargs):
+    """(result, seconds) of one call."""
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def write_result(name: str, result: dict) -> Path:
+    """bench/results/<name>.json, atomically, with the machine and the date added."""
+    from meg_jax.data.jsonio import write_json_atomic
+
+    result = {
+        **result,
+        "machine": machine(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    path = RESULTS / f"{name}.json"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, result)
+    return path
