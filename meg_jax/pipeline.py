@@ -136,13 +136,13 @@ def _edits_to_fit(records, template: PromptTemplate) -> list[EditToFit]:
     ]
 
 
-def _bank_for(records, bank: WeightBank, source: str) -> WeightBank:
-    """The rows of `bank` for `records` (by case id), in record order."""
+def _bank_for(case_ids, bank: WeightBank, source: str) -> WeightBank:
+    """The rows of `bank` for the edits' dataset ids (`case_ids`), in edit order."""
     rows = {int(c): i for i, c in enumerate(bank.case_id)}
-    missing = [r.id for r in records if r.id not in rows]
+    missing = [c for c in case_ids if c not in rows]
     if missing:
         raise ValueError(f"{source}: no fitted neuron for case ids {missing[:10]}")
-    return bank.select(np.asarray([rows[r.id] for r in records]))
+    return bank.select(np.asarray([rows[c] for c in case_ids]))
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -174,6 +174,7 @@ def run(cfg: PipelineConfig) -> dict:
         cache_dir=workdir / "cache",
     )
     records = list(prepared.records)
+    case_ids = [int(i) for i in prepared.original_ids]  # dataset ids; records are re-indexed
     log.info("%d edits after preprocessing", len(records))
 
     # Stage 1: InfoNCE-tuned encoder, on pseudo-edits disjoint from the edit set.
@@ -221,14 +222,16 @@ def run(cfg: PipelineConfig) -> dict:
 
     # Stage 3: weight collection (or an existing bank).
     if cfg.collect.bank:
-        bank = _bank_for(records, load_bank(cfg.collect.bank), cfg.collect.bank)
+        bank = _bank_for(case_ids, load_bank(cfg.collect.bank), cfg.collect.bank)
     else:
 
         def success(texts, targets):
             return answer_ag_correct(texts, targets, template.answer_cuts, "exact")
 
         collector = Collector(host.config, host.params, host.tokenizer, cfg.collect.fit, success)
-        bank = collect_bank(collector, _edits_to_fit(records, template), workdir / "bank.npz")
+        bank = collect_bank(
+            collector, _edits_to_fit(records, case_ids, template), workdir / "bank.npz"
+        )
     log.info("bank: %d of %d edits fitted", int(bank.fitted.sum()), len(bank))
 
     # Stage 4: the generator, on (templated query [CLS], fitted neuron) pairs.
