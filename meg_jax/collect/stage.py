@@ -153,7 +153,7 @@ class Collector:
             )
             neuron, loss = sgd_fit(*args, neuron, jnp.asarray(~success), jnp.asarray(lrs))
             success = np.asarray(self._answers(edits, neuron))
-        weights = np.asarray(flatten_neuron(neuron, config.neuron_has_bias), np.float32)
+        weights = np.array(flatten_neuron(neuron, config.neuron_has_bias), np.float32)
         weights[~success] = np.nan  # failed fits are kept as rows, unusable as targets
         return WeightBank(
             np.asarray([e.case_id for e in edits], np.int64),

@@ -67,26 +67,43 @@ class Decoder(nn.Module):
         if stop <= start:
             return h, cache
         block = Block(self.config, parent=None)
-        params = jax.tree.map(lambda p: p[start:stop], self.layers)
+
+        def layer_params(i):
+            # Index the full stack per layer rather than slicing [start, stop) out of it first:
+            # XLA materialises such a slice, a copy of the segment's weights on every forward
+            # pass and every decoding step (on CPU it doubled SmolLM2's weight traffic).
+            return jax.tree.map(
+                lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), self.layers
+            )
 
         if neuron is not None:  # a single layer, the neuron layer
-            squeeze = jax.tree.map(lambda p: p[0], (params, cache))
-            layer_cache = squeeze[1] if cache is not None else None
+            layer_cache = jax.tree.map(lambda c: c[0], cache) if cache is not None else None
             h, new_cache = block.apply(
-                {"params": squeeze[0]}, h, positions, key_mask, layer_cache, cache_index, neuron
+                {"params": layer_params(start)},
+                h,
+                positions,
+                key_mask,
+                layer_cache,
+                cache_index,
+                neuron,
             )
             if new_cache is not None:
                 new_cache = jax.tree.map(lambda c: c[None], new_cache)
             return h, new_cache
 
         def body(carry, xs):
-            layer_params, layer_cache = xs
+            index, layer_cache = xs
             out, new_cache = block.apply(
-                {"params": layer_params}, carry, positions, key_mask, layer_cache, cache_index
+                {"params": layer_params(index)},
+                carry,
+                positions,
+                key_mask,
+                layer_cache,
+                cache_index,
             )
             return out, new_cache
 
-        return jax.lax.scan(body, h, (params, cache))
+        return jax.lax.scan(body, h, (jnp.arange(start, stop), cache))
 
     def _segments(self, start: int, stop: int):
         """Splits [start, stop) into (below, at, above) the neuron layer; empty pieces kept."""
@@ -150,15 +167,28 @@ class Decoder(nn.Module):
         h, _ = self._layers(hidden, start, self.config.n_layers, positions, attention_mask, neuron)
         return self._head(h)
 
-    def decode(self, tokens, cache: DecoderCache, cache_index, key_mask, positions, neuron=None):
+    def decode(
+        self,
+        tokens,
+        cache: DecoderCache,
+        cache_index,
+        key_mask,
+        positions,
+        neuron=None,
+        last_only: bool = False,
+    ):
         """Writes tokens[B, T] at slots [cache_index, cache_index + T); returns (logits, cache).
 
         `key_mask[B, S]` marks which cache slots hold real tokens (left padding is masked out).
+        `last_only` returns logits [B, 1, V] of the last slot only: a prompt pass that just needs
+        the next token skips the [B, T, D] x [D, V] head product (a fifth of a SmolLM2 prompt).
         """
         h = self.embed(tokens)
         h, cache = self._layers(
             h, 0, self.config.n_layers, positions, key_mask, neuron, cache, cache_index
         )
+        if last_only:
+            h = h[:, -1:]
         return self._head(h), cache
 
 

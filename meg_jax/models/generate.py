@@ -70,6 +70,7 @@ def greedy_generate(
         key_mask,
         default_positions(mask),
         neuron,
+        last_only=True,
         method=Decoder.decode,
     )
     first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)  # [B]

