@@ -1,0 +1,195 @@
+"""The generator's training loop: batches, checkpoints with resume, metrics and early stopping.
+
+Axes: N bank rows, P neuron vector length, E condition width, B batch.
+
+A run lives in `workdir`:
+    checkpoints/<step>/      orbax checkpoints of the whole `TrainState` (resume point)
+    metrics.jsonl            one JSON object per log or evaluation event
+    generator.json           the config and shapes, so `load_generator` can rebuild the state
+
+Every `train.eval_every` steps the reference's stopping criterion is evaluated: weights are
+sampled for all training conditions (with `train.criterion_sampler`; the reference uses the
+full-T ancestral sampler from one shared noise vector), their per-item L2 distance to the
+targets is taken in RAW weight space, and training stops once mean + std (unbiased, as
+torch.std) falls below `train.stop_threshold`. A callback sees each evaluation (e.g. to measure
+the LLM's edit success with the sampled weights) and may return extra metrics to log; a returned
+`"halt": True` ends training there (e.g. a wall-clock budget), with a checkpoint.
+"""
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from meg_jax.config_utils import dataclass_from_dict
+from meg_jax.data.jsonio import write_json_atomic
+from meg_jax.diffusion.bank import batch_rows, padded_batch_size, prepare_bank
+from meg_jax.diffusion.config import GeneratorConfig
+from meg_jax.diffusion.generate import GeneratorParams, as_generator_params, generate
+from meg_jax.diffusion.normalization import (
+    NormStats,
+    center_conditions,
+    fit_normalization,
+    normalize,
+)
+from meg_jax.diffusion.train_step import TrainState, init_state, make_train_step
+from meg_jax.encoder.runs import JsonlLog, checkpoint_manager, restore_or, save
+from meg_jax.sharding import make_mesh
+
+log = logging.getLogger(__name__)
+
+# (step, state, raw samples [N, P], criterion record) -> extra metrics to log, or None.
+EvalCallback = Callable[[int, TrainState, np.ndarray, dict], dict | None]
+
+
+class TrainResult(NamedTuple):
+    """The final state and how training ended."""
+
+    state: TrainState
+    step: int  # steps done
+    stopped: bool  # True when the criterion fell below the threshold
+    criterion: float | None  # the last evaluated mean + std (None if never evaluated)
+    evaluations: list[dict]  # every criterion record of this call
+
+
+def l2_criterion(samples: np.ndarray, targets: np.ndarray) -> dict:
+    """Per-item raw-space L2 [N] and its mean, unbiased std and mean + std (the stop value)."""
+    l2 = np.linalg.norm(np.asarray(samples, np.float64) - np.asarray(targets, np.float64), axis=1)
+    std = float(l2.std(ddof=1)) if l2.size > 1 else 0.0
+    return {"l2_mean": float(l2.mean()), "l2_std": std, "criterion": float(l2.mean()) + std}
+
+
+def _rngs(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    root = jax.random.key(seed)
+    return tuple(jax.random.fold_in(root, i) for i in range(3))  # init, train, eval
+
+
+def train_generator(
+    weights: np.ndarray,
+    conditions: np.ndarray,
+    config: GeneratorConfig,
+    workdir: str | Path,
+    *,
+    success: np.ndarray | None = None,
+    init: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    callback: EvalCallback | None = None,
+    source: str = "bank",
+) -> TrainResult:
+    """Trains (or resumes) the generator on `weights` [N, P] given `conditions` [N, E].
+
+    Rows with NaN weights or `success` false are dropped (logged). `init` [P] is the shared
+    initial neuron, needed only for normalization.center = "init". `mesh` defaults to all local
+    devices on the "data" axis; the batch is split over it and the state replicated.
+    """
+    bank = prepare_bank(weights, conditions, success, source)
+    workdir = Path(workdir)
+    mesh = mesh or make_mesh()
+    tcfg = config.train
+    init_rng, train_rng, eval_rng = _rngs(tcfg.seed)
+
+    norm = fit_normalization(config.normalization, bank.weights, bank.conditions, init)
+    x0_bank = np.asarray(normalize(norm, bank.weights), np.float32)
+    cond_bank = np.asarray(center_conditions(norm, bank.conditions), np.float32)
+    length, width = bank.weights.shape[1], bank.conditions.shape[1]
+    write_json_atomic(
+        workdir / "generator.json",
+        {"config": dataclasses.asdict(config), "length": length, "cond_width": width},
+    )
+
+    manager = checkpoint_manager(workdir, tcfg.max_to_keep)
+    state, resumed = restore_or(manager, init_state(config, norm, width, init_rng, mesh))
+    start = int(state.step)
+    if resumed:
+        _check_same_bank(state.norm, norm, workdir)
+        log.info("resumed %s at step %d", workdir, start)
+    metrics_log = JsonlLog(workdir / "metrics.jsonl")
+    metrics_log.write(event="start", step=start, rows=len(bank.rows), resumed=resumed)
+
+    step_fn = make_train_step(config, mesh)
+    padded = padded_batch_size(len(bank.rows), tcfg.batch_size, mesh.shape["data"])
+    evaluations: list[dict] = []
+    criterion, stopped, halted = None, False, False
+    postfix: dict[str, str] = {}
+    began = time.perf_counter()
+    bar = tqdm(range(start, tcfg.num_steps), initial=start, total=tcfg.num_steps, desc="generator")
+    for step in bar:
+        rows, mask = batch_rows(
+            len(bank.rows), tcfg.batch_size, padded, step, tcfg.shuffle, tcfg.seed
+        )
+        state, metrics = step_fn(state, x0_bank[rows], cond_bank[rows], mask, train_rng)
+        done = step + 1
+        if done % tcfg.log_every == 0 or done == tcfg.num_steps:
+            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics_log.write(
+                event="train", step=done, wall_s=time.perf_counter() - began, **record
+            )
+            postfix["loss"] = f"{record['loss']:.4f}"
+            bar.set_postfix(postfix)
+        if done % tcfg.eval_every == 0 or done == tcfg.num_steps:
+            record = _evaluate(state, bank, config, eval_rng, done, mesh, callback)
+            halted = bool(record.pop("halt", False))
+            record["wall_s"] = time.perf_counter() - began
+            metrics_log.write(event="criterion", step=done, **record)
+            evaluations.append(record)
+            criterion = record["criterion"]
+            postfix["criterion"] = f"{criterion:.4f}"
+            bar.set_postfix(postfix)
+            log.info("step %d: criterion %.4f (%s)", done, criterion, record["sampler"])
+            stopped = criterion < tcfg.stop_threshold
+        if done % tcfg.checkpoint_every == 0 or stopped or halted or done == tcfg.num_steps:
+            save(manager, done, state)
+        if stopped or halted:
+            break
+    bar.close()
+    return TrainResult(state, int(state.step), stopped, criterion, evaluations)
+
+
+def _evaluate(state, bank, config, eval_rng, step, mesh, callback) -> dict[str, Any]:
+    sampler = config.train.criterion_sampler
+    began = time.perf_counter()
+    samples = generate(
+        state, bank.conditions, jax.random.fold_in(eval_rng, step), config, sampler, mesh
+    )
+    samples = np.asarray(jax.device_get(samples))
+    record = {**l2_criterion(samples, bank.weights), "sampler": sampler.describe()}
+    record["sample_s"] = time.perf_counter() - began
+    if callback is not None:
+        record.update(callback(step, state, samples, dict(record)) or {})
+    return record
+
+
+def _check_same_bank(saved: NormStats, fitted: NormStats, workdir: Path) -> None:
+    # The statistics are a fingerprint of the bank: resuming on other data would be silently wrong.
+    for name, a, b in zip(NormStats._fields, saved, fitted, strict=True):
+        if a.shape != b.shape or not np.allclose(np.asarray(a), np.asarray(b), rtol=1e-5):
+            raise ValueError(
+                f"{workdir}: the checkpoint's normalisation {name} differs from this bank's; "
+                "it was trained on other data (use a fresh workdir)"
+            )
+
+
+def load_generator(workdir: str | Path) -> tuple[GeneratorParams, GeneratorConfig]:
+    """The latest checkpoint of a run as (sampling parameters, config), for `generate`."""
+    workdir = Path(workdir)
+    meta_path = workdir / "generator.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: no generator run here (missing generator.json)")
+    meta = json.loads(meta_path.read_text())
+    config = dataclass_from_dict(GeneratorConfig, meta["config"], str(meta_path))
+    length, width = int(meta["length"]), int(meta["cond_width"])
+    blank = NormStats(jnp.zeros(length), jnp.ones(length), jnp.zeros(width))
+    target = init_state(config, blank, width, jax.random.key(0), make_mesh(1, 1, jax.devices()[:1]))
+    state, found = restore_or(checkpoint_manager(workdir, config.train.max_to_keep), target)
+    if not found:
+        raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
+    return as_generator_params(state), config
