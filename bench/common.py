@@ -8,6 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+# PyTorch's OpenMP threads spin while waiting; on a shared (oversubscribed) CPU a spinning thread
+# starves the one it waits for, and PyTorch ran 10x slower than with passive waiting. Passive
+# waiting is the fair baseline. Torch reads this when it starts, so benchmarks that use torch
+# `import common` before it (plain imports sort first).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -26,6 +32,9 @@ def machine() -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jax_devices": [str(d) for d in jax.devices()],
+        # The machine may be shared: the load average says how much of it the runs had.
+        "load_average_1_5_15min": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     try:
         import torch

@@ -11,80 +11,30 @@ same left-padded batch of templated CounterFact prompts:
     counts B*N and the time includes the prompt pass.
 Each measurement is the median of `--runs` runs after one warm-up run (JAX compiles there), whose
 time is reported separately. Ours and PyTorch's runs alternate, so background load on a shared
-machine falls on both (PyTorch's OpenMP threads wait passively, see below). Results go to
+machine falls on both (PyTorch's OpenMP threads wait passively, see common.py). Results go to
 bench/results/decode.json; `ratio` is ours / PyTorch's batched greedy-decode tokens/s.
 """
 
-# ruff: noqa: E402  (torch must see OMP_WAIT_POLICY, and meg_jax the repo on sys.path)
-
 import argparse
-import datetime
 import os
-import platform
-import statistics
-import sys
 import time
-from pathlib import Path
 
-# PyTorch's OpenMP threads spin while waiting; on a shared (oversubscribed) CPU a spinning thread
-# starves the one it waits for, and PyTorch ran 10x slower than with passive waiting. Passive
-# waiting is the fair baseline here; it must be set before torch starts its thread pool.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import common  # noqa: F401  (first: it configures torch's thread pool)
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from common import SHARED, alternate, write_result
+from torch_reference import torch_llama
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from meg_jax.checkpoints.convert import flatten_tree, transpose
-from meg_jax.checkpoints.hf_decoder import decoder_rules
-from meg_jax.data.jsonio import read_records, write_json_atomic
+from meg_jax.data.jsonio import read_records
 from meg_jax.data.templates import get_template
 from meg_jax.hosts import load_host
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate, left_pad
 
-PROMPTS = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-edit.json"
-
-
-def torch_llama(config: LMConfig, params) -> LlamaForCausalLM:
-    """transformers' Llama holding exactly our weights (the HF key map run backwards)."""
-    hf_config = LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.head_dim,
-        rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta,
-        max_position_embeddings=config.max_position,
-        tie_word_embeddings=config.tie_embeddings,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=list(config.eos_token_ids),
-        pad_token_id=config.pad_token_id,
-    )
-    flat = flatten_tree(params)
-    state = {}
-    for rule in decoder_rules(config):
-        if rule.target not in flat:
-            continue  # the untied head of a tied model
-        value = np.asarray(flat[rule.target])
-        invert = (lambda a: a.T) if rule.transform is transpose else (lambda a: a)
-        layers = [(rule.source.format(i=i), value[i]) for i in range(config.n_layers)]
-        for name, array in layers if rule.stacked else [(rule.source, value)]:
-            state[name] = torch.from_numpy(np.array(invert(array)))  # a writable copy
-    model = LlamaForCausalLM(hf_config).eval()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
-    return model
+PROMPTS = SHARED / "counterfact" / "counterfact-edit.json"
 
 
 def prompt_batch(tokenizer, config: LMConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,42 +43,6 @@ def prompt_batch(tokenizer, config: LMConfig, batch: int) -> tuple[np.ndarray, n
     records = read_records(PROMPTS)[:batch]
     ids = tokenizer([template.format_query(r["prompt"]) for r in records])["input_ids"]
     return left_pad(ids, config.pad_token_id)
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def measure(ours, theirs, runs: int) -> dict:
-    """Warm-up then `runs` alternating timings of two zero-argument callables."""
-    warm = {"ours": timed(ours), "torch": timed(theirs)}
-    times = {"ours": [], "torch": []}
-    for _ in range(runs):
-        times["ours"].append(timed(ours))
-        times["torch"].append(timed(theirs))
-    return {
-        "warmup_s": warm,
-        "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "runs_s": times,
-    }
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        # The machine may be shared: the load average says how much of it the runs had.
-        "load_average_1_5_15min": os.getloadavg(),
-    }
 
 
 def bench_batch(config, params, model, tokens, mask, new_tokens, runs) -> dict:
@@ -174,8 +88,8 @@ def bench_batch(config, params, model, tokens, mask, new_tokens, runs) -> dict:
         theirs[:, : out.shape[1]] = out
         return float(np.mean(np.all(ours == theirs, axis=1)))
 
-    fwd = measure(ours_forward, torch_forward, runs)
-    dec = measure(ours_decode, torch_decode, runs)
+    fwd = alternate(ours_forward, torch_forward, runs)
+    dec = alternate(ours_decode, torch_decode, runs)
     for result, n_tokens in ((fwd, b * t), (dec, b * new_tokens)):
         med = result["median_s"]
         result["tokens_per_s"] = {k: n_tokens / v for k, v in med.items()}
@@ -194,7 +108,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "decode.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -233,11 +146,9 @@ def main() -> None:
         "load_s": load_s,
         "results": results,
         "load_average_at_start": load_before,
-        "machine": machine(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    write_json_atomic(args.out, report)
-    print(f"ratio (batched decode, ours / torch) = {report['ratio']:.2f} -> {args.out}")
+    path = write_result("decode", report)
+    print(f"ratio (batched decode, ours / torch) = {report['ratio']:.2f} -> {path}")
 
 
 if __name__ == "__main__":

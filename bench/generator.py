@@ -31,6 +31,7 @@ from meg_jax.diffusion.config import SamplerConfig, generator_config
 from meg_jax.diffusion.generate import generate
 from meg_jax.diffusion.train import train_generator
 from meg_jax.encoder.text_encoder import TextEncoder
+from meg_jax.evaluation.evaluator import generation_stops
 from meg_jax.evaluation.metrics import answer_ag_correct
 from meg_jax.evaluation.runner import ModelRunner
 from meg_jax.hosts import load_host
@@ -57,7 +58,7 @@ def success_callback(runner, prompts, targets, template, every):
         if step % every:
             return None
         neurons = unflatten_neuron(np.asarray(samples), runner.config.d_model, False)
-        texts = runner.generate(prompts, neurons, 20)
+        texts = runner.generate(prompts, neurons, 20, generation_stops(template))
         return {"success": float(np.mean(answer_ag_correct(texts, targets, template.answer_cuts)))}
 
     return callback
@@ -180,14 +181,15 @@ def main():
     out, curves = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name, preset in (("reference", "reference"), ("ours", "fast")):
-            cfg, result, info = train_recipe(
+        trained = {}
+        for name, preset in (("ours", "fast"), ("reference", "reference")):
+            *trained[name], info = train_recipe(
                 name, preset, args, bank, conditions, runner, prompts, targets, template, tmp
             )
             out[name] = info
             curves[name] = info["curve"]
             print(name, info["curve"][-1], "first < 0.5:", info["first_below_0.5"], flush=True)
-        hardware = hardware_use(cfg, result, conditions[keep], matmul_flops_per_s())
+        hardware = hardware_use(*trained["ours"], conditions[keep], matmul_flops_per_s())
     plot(curves, RESULTS / "generator.png")
     last = {k: v["curve"][-1]["criterion"] for k, v in out.items()}
     result = {

@@ -26,7 +26,7 @@ from meg_jax.editor import MeGEditor
 from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs
 from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.encoder.train import InfoNCEConfig, train_infonce
-from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg, zero_editor
+from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg, generation_stops, zero_editor
 from meg_jax.evaluation.metrics import answer_ag_correct
 from meg_jax.evaluation.report import write_report
 from meg_jax.evaluation.runner import ModelRunner
@@ -165,11 +165,14 @@ def run(cfg: PipelineConfig) -> dict:
         host.config, host.params, host.tokenizer, mesh=mesh, batch_size=cfg.evaluation.batch_size
     )
     zero = zero_editor(host.config.d_model)
+    stops = generation_stops(template) if cfg.evaluation.stop_at_cut else ()
     records = load_edits(cfg.data.edits, limit=cfg.data.n_edits)
     prepared = prepare_edits(
         records,
         f"{cfg.host.name}:{cfg.host.dtype}",
-        lambda prompts: runner.generate(prompts, zero(prompts), cfg.evaluation.max_new_tokens),
+        lambda prompts: runner.generate(
+            prompts, zero(prompts), cfg.evaluation.max_new_tokens, stops
+        ),
         meg_preprocess_config(cfg.data.kind, cfg.host.template),
         cache_dir=workdir / "cache",
     )

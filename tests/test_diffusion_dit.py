@@ -59,6 +59,17 @@ def test_output_shape_crop_and_condition_normalisation(tiny):
     assert np.abs(model.apply({"params": params}, x, t[::-1], cond) - out).max() > 1e-3
 
 
+def test_cond_scale_multiplies_the_normalised_condition(tiny):
+    model, params, (x, t, cond) = tiny
+    scaled = _Jitted(dataclasses.replace(TINY, cond_scale=4.0))
+    out = scaled.apply({"params": params}, x, t, cond)
+    # The same as the unscaled network with a 4x projection kernel (the bias is not scaled).
+    proj = params["cond_proj"]
+    bigger = {**params, "cond_proj": {**proj, "kernel": 4.0 * proj["kernel"]}}
+    np.testing.assert_allclose(out, model.apply({"params": bigger}, x, t, cond), atol=1e-5)
+    assert np.abs(out - model.apply({"params": params}, x, t, cond)).max() > 1e-3
+
+
 def test_condition_projection_only_when_widths_differ():
     for width in (TINY.hidden, 24):
         x, t, cond = _inputs(width)

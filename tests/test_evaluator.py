@@ -4,6 +4,7 @@ The independent reference is a batch-1 loop over the same records that calls the
 query with plain numpy post-processing, i.e. the reference's way of evaluating.
 """
 
+import dataclasses
 import json
 import zlib
 
@@ -189,3 +190,69 @@ def test_sharded_evaluator_matches_single_device(setup):
         assert a["rel_prediction"] == b["rel_prediction"]
         assert a["gen_prediction"] == b["gen_prediction"]
         assert a["rel_tf"] == pytest.approx(b["rel_tf"])
+
+
+def test_last_argmax_and_stopped_generation(setup):
+    config, params, tokenizer, records, _ = setup
+    runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
+    editor = _random_editor(config.d_model)
+    prompts = [r.prompt for r in records]
+    neurons = editor(prompts)
+    ids = [tokenizer(p)["input_ids"] for p in prompts]
+    full = runner.scores(ids, neurons)
+    assert runner.last_argmax(ids, neurons) == [int(a[-1]) for a, _ in full]
+
+    # Stopping at the first token that contains an "e" keeps exactly that prefix of the
+    # unstopped greedy generation.
+    plain = runner.generate_ids(prompts, neurons, 12)
+    stopped = runner.generate_ids(prompts, neurons, 12, stop_texts=("e",))
+    cut_somewhere = False
+    for a, b in zip(plain, stopped, strict=True):
+        assert a[: len(b)] == b
+        has_e = [i for i, t in enumerate(a) if "e" in tokenizer.decode([t])]
+        assert len(b) == (has_e[0] + 1 if has_e else len(a))
+        cut_somewhere |= len(b) < len(a)
+    assert cut_somewhere
+    with pytest.raises(ValueError, match="single characters"):
+        runner.generate_ids(prompts, neurons, 4, stop_texts=("ab",))
+
+
+def test_stop_at_cut_and_generation_reuse_change_no_result(setup, monkeypatch):
+    """The evaluator's shortcuts (ending generations at a cut, reading TF steps off the greedy
+    generation) give the per-example readings of the plain path, and do skip forward passes."""
+    config, params, tokenizer, records, _ = setup
+    # Cutting at "e" makes the tiny random model's generations stop early.
+    template = dataclasses.replace(
+        get_template("smollm2"), answer_cuts=("e",), locality_cuts=("e",)
+    )
+    runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
+    zero = zero_editor(config.d_model)
+    # Targets that are the model's own greedy answers, so TF steps follow the generation.
+    answers = runner.generate([template.format_query(r.prompt) for r in records], zero([""] * 4), 3)
+    records = [
+        dataclasses.replace(r, target_new=a.strip() or "x")
+        for r, a in zip(records, answers, strict=True)
+    ]
+    labels = pre_edit_answers(
+        [r.locality_prompts[0] for r in records],
+        template,
+        lambda prompts: runner.generate(prompts, zero(prompts), 20),
+    )
+    forwards = []
+    last_argmax = runner.last_argmax
+    monkeypatch.setattr(
+        runner, "last_argmax", lambda seqs, n: forwards.append(len(seqs)) or last_argmax(seqs, n)
+    )
+
+    def readings(**shortcuts):
+        forwards.clear()
+        cfg = EvalConfig(batch_size=4, **shortcuts)
+        rows, summary = evaluate_meg(runner, records, template, zero, labels, cfg)
+        keys = [k for k in rows[0] if k.endswith(("_ag", "_tf"))]
+        return [{k: row[k] for k in keys} for row in rows], summary, sum(forwards)
+
+    fast_rows, fast_summary, fast_forwards = readings()
+    plain_rows, plain_summary, plain_forwards = readings(stop_at_cut=False, reuse_generation=False)
+    assert fast_rows == plain_rows and fast_summary == plain_summary
+    # Every query's first step is the generation's prompt; later steps were read off too.
+    assert plain_forwards - fast_forwards > 3 * len(records), (plain_forwards, fast_forwards)

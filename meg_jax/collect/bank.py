@@ -8,11 +8,12 @@ and `init [P]` (the shared initial neuron every fit started from).
 """
 
 import dataclasses
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
+
+from meg_jax.data.jsonio import write_bytes_atomic
 
 _FIELDS = ("case_id", "weights", "success", "final_loss", "init")
 
@@ -64,16 +65,9 @@ class WeightBank:
 
 def save_bank(bank: WeightBank, path) -> None:
     """Writes `bank` to `path` (.npz) atomically: a crash never leaves a half-written bank."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{name: getattr(bank, name) for name in _FIELDS})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: getattr(bank, name) for name in _FIELDS})
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_bank(path) -> WeightBank:

@@ -16,6 +16,8 @@ from typing import Any
 
 from meg_jax.data.records import DataFormatError
 
+_FILE_MODE = 0o644
+
 
 def parse_records(text: str, file: str) -> list[Any]:
     """The records of a JSON-array or JSON-Lines document; `file` is only used in errors."""
@@ -70,6 +72,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; results are for others to read too
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

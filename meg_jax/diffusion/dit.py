@@ -7,9 +7,9 @@ F frequency features of the timestep.
 Forward: x [B, P] is right zero-padded to N * S and cut into N tokens of S values; Linear(S -> D)
 plus a fixed 1-D sin-cos position embedding; `depth` adaLN blocks; an adaLN final LayerNorm and
 Linear(D -> C * S); un-patch to [B, C, N * S] and crop to [B, C, P]. The conditioning vector is
-c = TimestepEmbedder(t) + proj(cond / |cond|), with dropout on c during training (reference:
-p = 0.2). `proj` is the identity when E == D, as in the reference (which adds the 768-d BERT
-vector straight onto the 768-wide c).
+c = TimestepEmbedder(t) + proj(cond_scale * cond / |cond|), with dropout on c during training
+(reference: cond_scale 1, p = 0.2). `proj` is the identity when E == D, as in the reference
+(which adds the 768-d BERT vector straight onto the 768-wide c).
 
 The reference's head is Linear(D -> C * D) followed by a shared Linear(D -> S) per channel, a
 product of two linear maps; we use the single Linear(D -> C * S) it composes to (same function
@@ -172,7 +172,8 @@ class DiT1D(nn.Module):
         x = x + jnp.asarray(sincos_positions(tokens, cfg.hidden), dtype)[None]
 
         cond = cond.astype(jnp.float32)
-        cond = cond / jnp.maximum(jnp.linalg.norm(cond, axis=-1, keepdims=True), 1e-12)
+        norm = jnp.maximum(jnp.linalg.norm(cond, axis=-1, keepdims=True), 1e-12)
+        cond = cond * (cfg.cond_scale / norm)
         if cond.shape[-1] != cfg.hidden:
             cond = _dense(cfg, cfg.hidden, cond.shape[-1], name="cond_proj")(cond)
         c = TimestepEmbedder(cfg, name="t_embed")(t) + cond.astype(dtype)  # [B, D]

@@ -13,6 +13,11 @@ Per record (METHOD.md §1.3): Rel on the edit prompt, Gen on the first paraphras
 first locality prompt against the unedited model's greedy answer (`loc_labels`). AG is the
 processed greedy continuation compared as a string; TF is the reference's re-tokenised token
 accuracy ("reference") or the single-forward variant ("fast").
+
+Two shortcuts change no reading (`EvalConfig.stop_at_cut`, `reuse_generation`, both on by
+default; a test compares them with the plain path): generations end at their first token that
+holds a cut every kind applies (so stored predictions stop there too), and reference-TF steps that
+the greedy generation already took are read off it, so most queries cost no TF forward at all.
 """
 
 import dataclasses
@@ -53,6 +58,12 @@ class EvalConfig:
     match_rule: str = "exact"  # or "startswith" (the reference's lenient baseline path)
     classic: bool = False  # also compute MEMIT zsRE / CounterFact metrics
     limit: int = 0  # evaluate only the first `limit` records (0: all)
+    # End a query's generation at its first token containing a one-character cut that every
+    # query kind applies (a newline for GPT-J/Llama templates): AG discards the rest anyway.
+    stop_at_cut: bool = True
+    # Reference TF: a step whose re-tokenised input is the prompt plus the tokens the greedy
+    # generation already produced is read from the generation (the same argmax), not re-run.
+    reuse_generation: bool = True
 
 
 def zero_editor(d_model: int) -> Editor:
@@ -88,8 +99,28 @@ def _queries(records: Sequence[EditRecord], loc_labels: Sequence[str] | None) ->
     return out
 
 
-def _tf_flags(runner, template, queries, neurons, mode: str) -> list[np.ndarray]:
-    """Per query the bool flags of its target tokens under teacher forcing."""
+def generation_stops(template: PromptTemplate) -> tuple[str, ...]:
+    """The one-character cuts that every query kind (Rel/Gen and Loc) applies: a generation may
+    end at the first token containing one, since every metric discards what follows."""
+    return tuple(c for c in template.answer_cuts if len(c) == 1 and c in template.locality_cuts)
+
+
+def _tf_flags(
+    runner: ModelRunner,
+    template: PromptTemplate,
+    queries: Sequence[_Query],
+    neurons: Neuron,
+    mode: str,
+    generated: Sequence[Sequence[int]] | None = None,
+) -> list[np.ndarray]:
+    """Per query the bool flags of its target tokens under teacher forcing.
+
+    `generated` (reference mode): each query's greedy new tokens under the same neuron. Step i
+    runs the re-tokenised prompt + t_<i; when those ids are the prompt's ids followed by the
+    first k generated tokens (k < their count), the model's argmax there IS generated token k,
+    so the step is read off instead of run. Only steps after the generation left the target's
+    path (or where re-tokenisation merged across the boundary) cost a forward pass.
+    """
     tok = runner.tokenizer
     prompts = [template.format_query(q.text) for q in queries]
     if mode == "fast":
@@ -103,14 +134,27 @@ def _tf_flags(runner, template, queries, neurons, mode: str) -> list[np.ndarray]
     if mode != "reference":
         raise ValueError(f"evaluation.tf_mode: expected 'reference' or 'fast', got {mode!r}")
     steps = [build_tf_queries(tok, p, q.target) for p, q in zip(prompts, queries, strict=True)]
-    owner = np.repeat(np.arange(len(steps)), [len(s) for s in steps])
-    flat = [s for query_steps in steps for s in query_steps]
-    scores = runner.scores([s.input_ids for s in flat], take_rows(neurons, owner))
-    hits = np.asarray(
-        [argmax[-1] == s.expected_id for s, (argmax, _) in zip(flat, scores, strict=True)]
-    )
-    bounds = np.cumsum([0] + [len(s) for s in steps])
-    return [hits[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    predicted: list[list[int | None]] = [[None] * len(s) for s in steps]
+    if generated is not None:
+        for q, query_steps in enumerate(steps):
+            prompt_ids = tuple(query_steps[0].input_ids)  # step 1 is the prompt alone
+            for i, step in enumerate(query_steps):
+                k = len(step.input_ids) - len(prompt_ids)
+                new = tuple(generated[q][:k])
+                if 0 <= k < len(generated[q]) and step.input_ids == prompt_ids + new:
+                    predicted[q][i] = generated[q][k]
+    todo = [(q, i) for q, p in enumerate(predicted) for i, v in enumerate(p) if v is None]
+    if todo:
+        owners = np.asarray([q for q, _ in todo])
+        argmax = runner.last_argmax(
+            [steps[q][i].input_ids for q, i in todo], take_rows(neurons, owners)
+        )
+        for (q, i), token in zip(todo, argmax, strict=True):
+            predicted[q][i] = token
+    return [
+        np.asarray([p == s.expected_id for p, s in zip(pred, query_steps, strict=True)])
+        for pred, query_steps in zip(predicted, steps, strict=True)
+    ]
 
 
 def evaluate_meg(
@@ -130,8 +174,11 @@ def evaluate_meg(
     if len(neurons.w_in) != len(queries):
         raise ValueError(f"editor returned {len(neurons.w_in)} neurons for {len(queries)} queries")
     prompts = [template.format_query(q.text) for q in queries]
-    continuations = runner.generate(prompts, neurons, cfg.max_new_tokens)
-    tf = _tf_flags(runner, template, queries, neurons, cfg.tf_mode)
+    stop_texts = generation_stops(template) if cfg.stop_at_cut else ()
+    generated = runner.generate_ids(prompts, neurons, cfg.max_new_tokens, stop_texts)
+    continuations = runner.tokenizer.batch_decode(generated, skip_special_tokens=True)
+    reuse = generated if cfg.reuse_generation else None
+    tf = _tf_flags(runner, template, queries, neurons, cfg.tf_mode, reuse)
 
     rows = [{"id": r.id, "prompt": r.prompt, "target": r.target_new} for r in records]
     by_kind: dict[str, list[int]] = {k: [] for k in KINDS}

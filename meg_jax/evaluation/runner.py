@@ -6,7 +6,7 @@ Everything the metrics need from the model reduces to two device computations, s
 integer/float arrays ever come back to the host (never [B, T, V] logits):
   * greedy continuations (AG), via `meg_jax.models.generate.greedy_generate`;
   * per position: the argmax token and the log-probability of the next given token (TF, and the
-    classic NLL metrics).
+    classic NLL metrics), or only the argmax after each sequence's last token (reference TF).
 Queries are processed longest first in fixed-size batches (padded with dummy rows), so a run
 compiles one program per length bucket, and results are scattered back to the caller's order:
 the output never depends on batch composition order. Batches are split over the mesh's "data"
@@ -39,6 +39,25 @@ def _scores(config: LMConfig, params, ids, mask, labels, neuron):
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), label_logp
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def _last_argmax(config: LMConfig, params, ids, mask, neuron):
+    """The argmax token [B] after each row's last real token of a right-padded batch."""
+    logits = Decoder(config).apply(
+        {"params": params}, ids, mask, neuron, method=Decoder.last_logits
+    )
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def tokens_containing(tokenizer, texts: Sequence[str]) -> tuple[int, ...]:
+    """Ids of the vocabulary tokens whose decoded text contains any of the one-character
+    `texts` (e.g. every token with a newline in it)."""
+    if any(len(t) != 1 for t in texts):
+        raise ValueError(f"stop texts must be single characters, got {list(texts)}")
+    if not texts:
+        return ()
+    return tuple(i for i in range(len(tokenizer)) if any(t in tokenizer.decode([i]) for t in texts))
+
+
 def take_rows(neurons: Neuron, rows: np.ndarray) -> Neuron:
     """The neurons of `rows` (host numpy arrays)."""
     return Neuron(*(np.asarray(x)[rows] for x in neurons))
@@ -64,6 +83,7 @@ class ModelRunner:
         if batch_size % data:
             raise ValueError(f"batch_size {batch_size} is not a multiple of the data axis {data}")
         self.batch_size, self.bucket, self.show_progress = batch_size, bucket, show_progress
+        self._stop_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
 
     def _batches(self, lengths: Sequence[int], desc: str):
         """Index arrays of fixed-size batches, longest sequences first."""
@@ -89,10 +109,34 @@ class ModelRunner:
                 out[r] = value
         return out
 
-    def generate(self, prompts: Sequence[str], neurons: Neuron, max_new_tokens: int) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        neurons: Neuron,
+        max_new_tokens: int,
+        stop_texts: Sequence[str] = (),
+    ) -> list[str]:
         """Greedy continuations (special tokens skipped) of `prompts`, each with its neuron."""
+        new = self.generate_ids(prompts, neurons, max_new_tokens, stop_texts)
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def generate_ids(
+        self,
+        prompts: Sequence[str],
+        neurons: Neuron,
+        max_new_tokens: int,
+        stop_texts: Sequence[str] = (),
+    ) -> list[list[int]]:
+        """The greedy new token ids of `prompts`, each with its neuron, up to and including the
+        first stop token (or `max_new_tokens` of them).
+
+        Stop tokens are the model's EOS ids and, when given, every token whose text contains one
+        of the one-character `stop_texts`: a caller that cuts answers at a newline loses nothing
+        by ending a row at its first newline, and a batch ends as soon as all its rows have.
+        """
         sequences = [self.tokenizer(p)["input_ids"] for p in prompts]
-        stop_ids = tuple(self.config.eos_token_ids)
+        stop_ids = tuple(self.config.eos_token_ids) + self._stop_tokens(tuple(stop_texts))
+        stops = set(stop_ids)
 
         def run(batch, neuron):
             tokens, mask = left_pad(batch, self.config.pad_token_id, bucket=self.bucket)
@@ -106,10 +150,26 @@ class ModelRunner:
                 max_new_tokens=max_new_tokens,
                 stop_ids=stop_ids,
             )
-            return self.tokenizer.batch_decode(np.asarray(new), skip_special_tokens=True)
+            return [_until_stop(row, stops) for row in np.asarray(new).tolist()]
 
         lengths = [len(s) for s in sequences]
         return self._run_batches(sequences, lengths, neurons, "generate", run)
+
+    def _stop_tokens(self, stop_texts: tuple[str, ...]) -> tuple[int, ...]:
+        # Decoding the whole vocabulary takes a moment: once per runner and stop set.
+        if stop_texts not in self._stop_cache:
+            self._stop_cache[stop_texts] = tokens_containing(self.tokenizer, stop_texts)
+        return self._stop_cache[stop_texts]
+
+    def last_argmax(self, sequences: Sequence[Sequence[int]], neurons: Neuron) -> list[int]:
+        """Per sequence, the greedy next token after its last token, under its neuron."""
+
+        def run(batch, neuron):
+            ids, mask = pad_right(batch, self.config.pad_token_id, self.bucket)
+            ids, mask, neuron = shard_batch(self.mesh, (ids, mask, neuron))
+            return np.asarray(_last_argmax(self.config, self.params, ids, mask, neuron)).tolist()
+
+        return self._run_batches(list(sequences), [len(s) for s in sequences], neurons, "tf", run)
 
     def scores(
         self,
@@ -135,3 +195,11 @@ class ModelRunner:
 
         lengths = [len(s) for s in sequences]
         return self._run_batches(pairs, lengths, neurons, "score", run)
+
+
+def _until_stop(row: list[int], stops: set[int]) -> list[int]:
+    """A generated row up to and including its first stop token (the rest is padding)."""
+    for i, token in enumerate(row):
+        if token in stops:
+            return row[: i + 1]
+    return row
