@@ -124,15 +124,16 @@ def _encoder_path(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def _edits_to_fit(records, template: PromptTemplate) -> list[EditToFit]:
+def _edits_to_fit(records, case_ids, template: PromptTemplate) -> list[EditToFit]:
+    """What collection fits, keyed by the dataset ids (`case_ids`) so banks match across runs."""
     return [
         EditToFit(
-            r.id,
+            case_id,
             template.format_query(r.prompt),
             template.format_answer(r.target_new),
             r.target_new,
         )
-        for r in records
+        for r, case_id in zip(records, case_ids, strict=True)
     ]
 
 

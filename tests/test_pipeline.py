@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 
 from meg_jax.collect.bank import WeightBank, save_bank
 from meg_jax.data.readers import read_edits
-from meg_jax.pipeline import pipeline_config, run
+from meg_jax.data.templates import get_template
+from meg_jax.pipeline import _edits_to_fit, pipeline_config, run
 
 GPT2_VOCAB = 50257
 
@@ -104,3 +105,18 @@ def test_pipeline_end_to_end_and_resume(shared_data, tiny_host, tmp_path):
 def test_unknown_config_key_is_named():
     with pytest.raises(ValueError, match="config.collect.fit: unknown config key"):
         pipeline_config({"collect": {"fit": {"lerning_rate": 0.1}}})
+
+
+def test_collection_inputs_are_keyed_by_dataset_ids(shared_data):
+    """Records are re-indexed by preprocessing; collection must key its bank by dataset ids, or
+    a bank could not be matched to its edits (`_bank_for`) in a later run."""
+    records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=3)
+    template = get_template("gptj")
+    case_ids = [1000 + r.id for r in records]
+    edits = _edits_to_fit(records, case_ids, template)
+    assert [e.case_id for e in edits] == case_ids
+    assert edits[0].query == template.format_query(records[0].prompt)
+    assert edits[0].answer == template.format_answer(records[0].target_new)
+    assert edits[0].target == records[0].target_new
+    with pytest.raises(ValueError):
+        _edits_to_fit(records, case_ids[:2], template)
