@@ -16,9 +16,8 @@ import time
 
 from common import REPO, write_result
 
+from meg_jax.evaluation.evaluator import SIX
 from meg_jax.pipeline import pipeline_config, run
-
-SIX = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf")
 
 
 def load_config(variant: str):

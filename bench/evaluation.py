@@ -36,7 +36,13 @@ from meg_jax.collect.bank import load_bank
 from meg_jax.data.preprocess import pre_edit_answers
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
-from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg, generation_stops, zero_editor
+from meg_jax.evaluation.evaluator import (
+    KINDS,
+    EvalConfig,
+    evaluate_meg,
+    generation_stops,
+    zero_editor,
+)
 from meg_jax.evaluation.metrics import answer_ag_correct, locality_ag_correct
 from meg_jax.evaluation.runner import ModelRunner
 from meg_jax.evaluation.teacher_forcing import build_tf_queries
@@ -44,7 +50,6 @@ from meg_jax.hosts import load_host
 from meg_jax.models.neuron import unflatten_neuron
 
 LAYER = 14
-KINDS = ("rel", "gen", "loc")
 
 
 def bank_editor(records, bank, d_model: int):
