@@ -8,8 +8,11 @@ queries of an edit get its fitted neuron from the shared SmolLM2 bank, Loc queri
 neuron, so every neuron path is exercised and Rel is high. The locality labels are the unedited
 model's answers.
 
-Ours: `evaluate_meg` as users run it (batches of `--batch-size`, generations ended at the
-template's newline cut, TF steps read off the greedy generation where it took the same path).
+Ours: `evaluate_meg` as users run it, with the runner's defaults: batches of `--batch-size`
+(prompt lengths bucketed by 8), the template's shared opening run once per batch below the neuron
+layer (through all layers for the zero-neuron Loc batches), decoding batches compacted as rows
+stop, generations ended at the template's newline cut, TF steps read off the greedy generation
+where it took the same path.
 
 Baselines, one query at a time over the first `--loop-edits` edits, as the MeG reference
 evaluates (its `evaluate_*` loops): a greedy `generate` of up to 20 new tokens (stopping at EOS),

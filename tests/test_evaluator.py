@@ -23,7 +23,8 @@ from meg_jax.data.templates import get_template
 from meg_jax.evaluation.evaluator import EvalConfig, evaluate_classic, evaluate_meg, zero_editor
 from meg_jax.evaluation.metrics import postprocess_answer
 from meg_jax.evaluation.report import write_report
-from meg_jax.evaluation.runner import ModelRunner
+from meg_jax.evaluation.runner import ModelRunner, shared_prefix
+from meg_jax.models import generate as generate_module
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate
 from meg_jax.models.neuron import Neuron
@@ -127,6 +128,50 @@ def test_batched_equals_batch1_loop(setup):
     assert [r["rel_prediction"] for r in rows] != [r["rel_prediction"] for r in zero_rows]
 
 
+def test_runner_generation_equals_whole_prompts_one_at_a_time(setup, monkeypatch):
+    """The runner's generation (template opening shared, zero-neuron rows batched apart with no
+    neuron, batches compacted as rows stop) gives every prompt the tokens it gets alone."""
+    config, params, tokenizer, records, _ = setup
+    template = get_template("smollm2")
+    texts = [t for r in records for t in (r.prompt, r.paraphrases[0], r.locality_prompts[0])]
+    prompts = [template.format_query(t) for t in texts]
+    neurons = _random_editor(config.d_model)(texts)
+    for i in range(2, len(texts), 3):  # the locality prompts get the zero neuron
+        for x in neurons:
+            x[i] = 0
+    assert len(shared_prefix([tokenizer(p)["input_ids"] for p in prompts])) > 5
+
+    take = generate_module._take_rows
+    compactions = []
+    monkeypatch.setattr(
+        generate_module,
+        "_take_rows",
+        lambda state, rows: compactions.append(len(rows)) or take(state, rows),
+    )
+    runner = ModelRunner(
+        config, params, tokenizer, batch_size=8, min_decode_rows=2, show_progress=False
+    )
+    batched = runner.generate_ids(prompts, neurons, 12, stop_texts=("e",))
+    assert compactions, "no batch was compacted: the test would not exercise it"
+    stops = (50256, *runner._stop_tokens(("e",)))
+    for i, prompt in enumerate(prompts):
+        ids = jnp.asarray([tokenizer(prompt)["input_ids"]], jnp.int32)
+        one = Neuron(*(jnp.asarray(x[i : i + 1]) for x in neurons))
+        new = np.asarray(
+            greedy_generate(
+                config,
+                params,
+                ids,
+                jnp.ones_like(ids, bool),
+                one,
+                max_new_tokens=12,
+                stop_ids=stops,
+            )
+        )[0].tolist()
+        ends = [j for j, t in enumerate(new) if t in stops]
+        assert batched[i] == (new[: ends[0] + 1] if ends else new), f"prompt {i}"
+
+
 def test_classic_counterfact_and_report(setup, tmp_path):
     config, params, tokenizer, records, _ = setup
     runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
@@ -156,13 +201,19 @@ def test_classic_counterfact_and_report(setup, tmp_path):
 
 
 def test_sharded_evaluator_matches_single_device(setup):
+    """8 fake devices (data 4 x model 2) give the per-example results of one, with batches
+    compacted over the data axis (generations cut at "e" stop early)."""
     config, params, tokenizer, records, path = setup
-    template = get_template("smollm2")
-    runner = ModelRunner(config, params, tokenizer, batch_size=8, show_progress=False)
+    template = dataclasses.replace(
+        get_template("smollm2"), answer_cuts=("e",), locality_cuts=("e",)
+    )
+    runner = ModelRunner(
+        config, params, tokenizer, batch_size=8, min_decode_rows=4, show_progress=False
+    )
     editor = _random_editor(config.d_model)
     rows, _ = evaluate_meg(runner, records, template, editor, None, EvalConfig(tf_mode="fast"))
     code = f"""
-    import json, sys
+    import dataclasses, json, sys
     sys.path.insert(0, "tests")
     import numpy as np
     from transformers import AutoTokenizer
@@ -172,6 +223,7 @@ def test_sharded_evaluator_matches_single_device(setup):
     from meg_jax.data.templates import get_template
     from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg
     from meg_jax.evaluation.runner import ModelRunner
+    from meg_jax.models import generate
     from meg_jax.sharding import DECODER_RULES, make_mesh, param_shardings
     mesh = make_mesh(data=4, model=2)
     config, params = load_hf_decoder(
@@ -180,12 +232,19 @@ def test_sharded_evaluator_matches_single_device(setup):
     )
     tok = AutoTokenizer.from_pretrained({str(tokenizer.name_or_path)!r}, local_files_only=True)
     records = read_edits({str(records[0].source.file)!r}, limit={N_RECORDS})
-    runner = ModelRunner(config, params, tok, mesh=mesh, batch_size=8, show_progress=False)
-    rows, _ = evaluate_meg(runner, records, get_template("smollm2"),
-                           _random_editor(config.d_model), None, EvalConfig(tf_mode="fast"))
-    print(json.dumps(rows))
+    template = dataclasses.replace(
+        get_template("smollm2"), answer_cuts=("e",), locality_cuts=("e",)
+    )
+    take, compactions = generate._take_rows, []
+    generate._take_rows = lambda state, rows: compactions.append(len(rows)) or take(state, rows)
+    runner = ModelRunner(config, params, tok, mesh=mesh, batch_size=8, min_decode_rows=4,
+                         show_progress=False)
+    rows, _ = evaluate_meg(runner, records, template, _random_editor(config.d_model), None,
+                           EvalConfig(tf_mode="fast"))
+    print(json.dumps([rows, compactions]))
     """
-    sharded = json.loads(run_with_fake_devices(code).strip().splitlines()[-1])
+    sharded, compactions = json.loads(run_with_fake_devices(code).strip().splitlines()[-1])
+    assert compactions, "no batch was compacted: the test would not exercise it"
     for a, b in zip(rows, sharded, strict=True):
         assert a["rel_prediction"] == b["rel_prediction"]
         assert a["gen_prediction"] == b["gen_prediction"]

@@ -8,12 +8,14 @@ own free-running output so that two rows stop early (one on each stop id) and on
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from hf_tiny import VOCAB, tiny_gptj, tiny_llama, tiny_phi
 
 from meg_jax.checkpoints.hf_decoder import load_hf_decoder
+from meg_jax.models import generate as generate_module
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate, left_pad
 from meg_jax.models.neuron import neuron_vector_size, unflatten_neuron, zero_neuron
@@ -129,3 +131,84 @@ def test_neuron_is_carried_through_decoding(tiny):
     )
     np.testing.assert_array_equal(ours, _reference_loop(cfg, params, tokens, mask, neuron, stops))
     assert (ours != plain).any()  # the neuron changed what is generated
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+def test_compaction_changes_no_token(tiny, monkeypatch):
+    """With `min_rows`, the rows still running once half a batch has stopped continue in a batch
+    half the size (16 -> 8 -> 4 here); every row's tokens equal the uncompacted run's."""
+    _, cfg, params, _, _, _, _, _ = tiny
+    rng = np.random.RandomState(4)
+    tokens, mask = left_pad([list(rng.randint(3, VOCAB, n)) for n in rng.randint(2, 9, 16)], 0)
+    size = neuron_vector_size(cfg.d_model, cfg.neuron_has_bias)
+    neuron = unflatten_neuron(rng.randn(16, size).astype(np.float32), cfg.d_model, False)
+    free = np.asarray(greedy_generate(cfg, params, tokens, mask, neuron, max_new_tokens=N))
+    # Stop ids: each row's token at a staggered step, so rows end at different steps.
+    stops = tuple(sorted({int(free[r, r % 8 + 1]) for r in range(13)}))
+    plain = np.asarray(
+        greedy_generate(cfg, params, tokens, mask, neuron, max_new_tokens=N, stop_ids=stops)
+    )
+    ends = sorted(N if (e := _first_stop(row, stops)) is None else e for row in plain)
+    assert ends[12] < ends[-1], f"too few rows stop before the last: {ends}"
+
+    batches = []
+    take = generate_module._take_rows
+    monkeypatch.setattr(
+        generate_module,
+        "_take_rows",
+        lambda state, rows: batches.append(len(rows)) or take(state, rows),
+    )
+    compact = greedy_generate(
+        cfg, params, tokens, mask, neuron, max_new_tokens=N, stop_ids=stops, min_rows=4
+    )
+    np.testing.assert_array_equal(np.asarray(compact), plain)
+    assert batches == [8, 4]
+
+
+@pytest.mark.parametrize("with_neuron", [True, False])
+@pytest.mark.parametrize("tiny", ["gptj", "llama"], indirect=True)
+def test_shared_prefix_changes_nothing(tiny, with_neuron):
+    """Rows opening with one `prefix` get the first token and the keys/values of the whole
+    prompts, and generate the same tokens: under per-row neurons, which act on the prefix too
+    (it is shared below the neuron layer), and with no neuron (shared through every layer)."""
+    _, cfg, params, _, _, stops, _, _ = tiny
+    rng = np.random.RandomState(6)
+    prefix = list(rng.randint(3, VOCAB, 4))
+    rests = [list(rng.randint(3, VOCAB, n)) for n in (1, 5, 3)]
+    size = neuron_vector_size(cfg.d_model, cfg.neuron_has_bias)
+    flat = rng.randn(len(rests), size).astype(np.float32) * 0.5
+    neuron = unflatten_neuron(flat, cfg.d_model, cfg.neuron_has_bias) if with_neuron else None
+    whole, whole_mask = left_pad([prefix + r for r in rests], pad_id=0)
+    rest, rest_mask = left_pad(rests, pad_id=0)
+
+    def prompt_pass(prefix, tokens, mask):
+        """(last logits [B, V], per row the cache entries [layers, real slots, N, K] of k and v)."""
+        state = generate_module._prefill(
+            cfg,
+            params,
+            jnp.asarray(prefix, jnp.int32),
+            tokens,
+            mask,
+            neuron,
+            max_new_tokens=N,
+            stop_ids=(),
+        )
+        real = np.asarray(state.key_mask)
+        kv = [np.concatenate([np.asarray(c.k), np.asarray(c.v)]) for c in state.cache]
+        kv = np.concatenate(kv)  # [2L, B, S, N, K]
+        return state, [kv[:, row, real[row]] for row in range(len(rests))]
+
+    ours, ours_kv = prompt_pass(prefix, rest, rest_mask)
+    plain, plain_kv = prompt_pass([], whole, whole_mask)
+    np.testing.assert_array_equal(np.asarray(ours.token), np.asarray(plain.token))
+    for row, (a, b) in enumerate(zip(ours_kv, plain_kv, strict=True)):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"row {row}")
+
+    def generate(tokens, mask, prefix=()):
+        return np.asarray(
+            greedy_generate(
+                cfg, params, tokens, mask, neuron, max_new_tokens=N, stop_ids=stops, prefix=prefix
+            )
+        )
+
+    np.testing.assert_array_equal(generate(rest, rest_mask, prefix), generate(whole, whole_mask))

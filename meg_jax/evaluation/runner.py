@@ -7,10 +7,18 @@ integer/float arrays ever come back to the host (never [B, T, V] logits):
   * greedy continuations (AG), via `meg_jax.models.generate.greedy_generate`;
   * per position: the argmax token and the log-probability of the next given token (TF, and the
     classic NLL metrics), or only the argmax after each sequence's last token (reference TF).
-Queries are processed longest first in fixed-size batches (padded with dummy rows), so a run
-compiles one program per length bucket, and results are scattered back to the caller's order:
-the output never depends on batch composition order. Batches are split over the mesh's "data"
-axis; the parameters keep whatever sharding they were loaded with (e.g. over "model").
+Queries are processed longest first in fixed-size batches (rows with the all-zero neuron batched
+apart from the others), so a run compiles one program per length bucket, and results are
+scattered back to the caller's order: the output never depends on batch composition order. A
+short last batch is padded with dummy rows only up to the next of batch_size / 2^k.
+
+Generation (see `greedy_generate`) compacts its batches as rows finish (down to
+`min_decode_rows`), and the tokens that open every prompt of a call (a template's fixed text) run
+once per batch: below the neuron layer, or through every layer in a batch of zero neurons (run
+with no neuron at all, which is the same model).
+
+Batches are split over the mesh's "data" axis; the parameters keep whatever sharding they were
+loaded with (e.g. over "model").
 """
 
 import functools
@@ -74,38 +82,53 @@ class ModelRunner:
         *,
         mesh: Mesh | None = None,
         batch_size: int = 32,
-        bucket: int = 16,
+        bucket: int = 8,
+        min_decode_rows: int | None = None,
         show_progress: bool = True,
     ):
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.mesh = mesh if mesh is not None else make_mesh()
         data = self.mesh.shape["data"]
-        if batch_size % data:
-            raise ValueError(f"batch_size {batch_size} is not a multiple of the data axis {data}")
+        if min_decode_rows is None:  # about 8 rows: the fewest worth a compiled program
+            min_decode_rows = data * max(1, 8 // data)
+        for name, value in (("batch_size", batch_size), ("min_decode_rows", min_decode_rows)):
+            if value % data:
+                raise ValueError(f"{name} {value} is not a multiple of the data axis {data}")
         self.batch_size, self.bucket, self.show_progress = batch_size, bucket, show_progress
+        self.min_decode_rows = min_decode_rows
         self._stop_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
 
-    def _batches(self, lengths: Sequence[int], desc: str):
-        """Index arrays of fixed-size batches, longest sequences first."""
-        order = np.argsort(-np.asarray(lengths), kind="stable")
+    def _batches(self, lengths: Sequence[int], zero: np.ndarray, desc: str):
+        """Index arrays of fixed-size batches: rows with a nonzero neuron, then the `zero` ones,
+        each longest first."""
+        order = np.lexsort((-np.asarray(lengths), zero))
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc=desc, disable=not self.show_progress, leave=False):
             yield order[start : start + self.batch_size]
 
-    def _padded_neurons(self, neurons: Neuron, rows: np.ndarray) -> Neuron:
-        pad = self.batch_size - len(rows)
-        rows = np.concatenate([rows, np.repeat(rows[-1:], pad)])
-        return take_rows(neurons, rows)
-
-    def _fill(self, rows: list, n_real: int) -> list:
-        return rows + [rows[-1]] * (self.batch_size - n_real)
+    def _rows_for(self, n: int) -> int:
+        """The batch a group of n rows runs as: the smallest batch_size / 2^k that holds them
+        and splits over the data axis (so a short last batch costs few dummy rows and at most
+        log2(batch_size) more compiled shapes)."""
+        size = self.batch_size
+        while size % 2 == 0 and size // 2 >= n and (size // 2) % self.mesh.shape["data"] == 0:
+            size //= 2
+        return size
 
     def _run_batches(self, items, lengths, neurons, desc, run_batch: Callable) -> list:
         out: list = [None] * len(items)
-        for rows in self._batches(lengths, desc):
-            batch = self._fill([items[r] for r in rows], len(rows))
-            neuron = self._padded_neurons(neurons, rows)
-            for r, value in zip(rows, run_batch(batch, neuron), strict=False):
+        zero = ~np.any(
+            np.concatenate([np.asarray(x).reshape(len(items), -1) for x in neurons], 1), 1
+        )
+        for rows in self._batches(lengths, zero, desc):
+            # Dummy rows repeat the last real one; their results are dropped.
+            rows_padded = np.concatenate(
+                [rows, np.repeat(rows[-1:], self._rows_for(len(rows)) - len(rows))]
+            )
+            batch = [items[r] for r in rows_padded]
+            for r, value in zip(
+                rows, run_batch(batch, take_rows(neurons, rows_padded)), strict=False
+            ):
                 out[r] = value
         return out
 
@@ -137,9 +160,15 @@ class ModelRunner:
         sequences = [self.tokenizer(p)["input_ids"] for p in prompts]
         stop_ids = tuple(self.config.eos_token_ids) + self._stop_tokens(tuple(stop_texts))
         stops = set(stop_ids)
+        # Prompts built from one template open with the same tokens: those run once per batch
+        # below the neuron layer (`greedy_generate`'s prefix), every row keeps one of its own.
+        shared = shared_prefix(sequences)
+        rests = [s[len(shared) :] for s in sequences]
 
         def run(batch, neuron):
             tokens, mask = left_pad(batch, self.config.pad_token_id, bucket=self.bucket)
+            if not any(np.any(x) for x in neuron):
+                neuron = None  # all zero: the unpatched model, which shares more of the prefix
             tokens, mask, neuron = shard_batch(self.mesh, (tokens, mask, neuron))
             new = greedy_generate(
                 self.config,
@@ -149,11 +178,13 @@ class ModelRunner:
                 neuron,
                 max_new_tokens=max_new_tokens,
                 stop_ids=stop_ids,
+                min_rows=self.min_decode_rows,
+                prefix=shared,
             )
             return [_until_stop(row, stops) for row in np.asarray(new).tolist()]
 
-        lengths = [len(s) for s in sequences]
-        return self._run_batches(sequences, lengths, neurons, "generate", run)
+        lengths = [len(s) for s in rests]
+        return self._run_batches(rests, lengths, neurons, "generate", run)
 
     def _stop_tokens(self, stop_texts: tuple[str, ...]) -> tuple[int, ...]:
         # Decoding the whole vocabulary takes a moment: once per runner and stop set.
@@ -195,6 +226,18 @@ class ModelRunner:
 
         lengths = [len(s) for s in sequences]
         return self._run_batches(pairs, lengths, neurons, "score", run)
+
+
+def shared_prefix(sequences: Sequence[Sequence[int]]) -> list[int]:
+    """The longest run of tokens that opens every sequence, leaving each at least one more."""
+    if not sequences:
+        return []
+    limit = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return list(first[:n])
 
 
 def _until_stop(row: list[int], stops: set[int]) -> list[int]:

@@ -20,7 +20,8 @@ from meg_jax.models.neuron import Neuron
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of the slots written so far, each [B, S, N, K]; stacks add a layer axis."""
+    """Keys and values, each [B, S, N, K] for a cache (stacks add a layer axis), or [B, T, N, K]
+    for the entries one call writes."""
 
     k: jnp.ndarray
     v: jnp.ndarray
@@ -53,12 +54,15 @@ class Attention(nn.Module):
         v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
 
         if cache is not None:
+            # Only the new entries leave the layer: the caller writes them into the stacked cache
+            # in place, where returning whole updated caches would copy every layer's cache on
+            # every decoding step.
+            written = LayerCache(k.astype(cache.k.dtype), v.astype(cache.v.dtype))
             start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-            new_cache = LayerCache(k, v)
+            k = jax.lax.dynamic_update_slice(cache.k, written.k, start)
+            v = jax.lax.dynamic_update_slice(cache.v, written.v, start)
         else:
-            new_cache = None
+            written = None
         s = k.shape[1]
 
         groups = cfg.n_heads // cfg.n_kv_heads
@@ -75,7 +79,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bngts,bsnk->btngk", probs, v)  # [B, T, N, G, K]
         out = out.reshape(b, t, cfg.n_heads * cfg.head_dim)
-        return _dense(cfg.d_model, cfg.out_proj_bias, cfg, "o")(out), new_cache
+        return _dense(cfg.d_model, cfg.out_proj_bias, cfg, "o")(out), written
 
 
 def neuron_contribution(x: jnp.ndarray, neuron: Neuron, activation) -> jnp.ndarray:
@@ -124,11 +128,9 @@ class Block(nn.Module):
     ) -> tuple[jnp.ndarray, LayerCache | None]:
         cfg = self.config
         normed = make_norm(cfg, "input_norm")(x)
-        attn, new_cache = Attention(cfg, name="attn")(
-            normed, positions, key_mask, cache, cache_index
-        )
+        attn, written = Attention(cfg, name="attn")(normed, positions, key_mask, cache, cache_index)
         mlp = MLP(cfg, name="mlp")
         if cfg.parallel_residual:
-            return x + attn + mlp(normed, neuron), new_cache
+            return x + attn + mlp(normed, neuron), written
         x = x + attn
-        return x + mlp(make_norm(cfg, "post_attn_norm")(x), neuron), new_cache
+        return x + mlp(make_norm(cfg, "post_attn_norm")(x), neuron), written

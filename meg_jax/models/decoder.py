@@ -78,7 +78,7 @@ class Decoder(nn.Module):
 
         if neuron is not None:  # a single layer, the neuron layer
             layer_cache = jax.tree.map(lambda c: c[0], cache) if cache is not None else None
-            h, new_cache = block.apply(
+            h, written = block.apply(
                 {"params": layer_params(start)},
                 h,
                 positions,
@@ -87,23 +87,30 @@ class Decoder(nn.Module):
                 cache_index,
                 neuron,
             )
-            if new_cache is not None:
-                new_cache = jax.tree.map(lambda c: c[None], new_cache)
-            return h, new_cache
+            if written is not None:
+                written = jax.tree.map(lambda c: c[None], written)
+        else:
 
-        def body(carry, xs):
-            index, layer_cache = xs
-            out, new_cache = block.apply(
-                {"params": layer_params(index)},
-                carry,
-                positions,
-                key_mask,
-                layer_cache,
-                cache_index,
-            )
-            return out, new_cache
+            def body(carry, xs):
+                index, layer_cache = xs
+                return block.apply(
+                    {"params": layer_params(index)},
+                    carry,
+                    positions,
+                    key_mask,
+                    layer_cache,
+                    cache_index,
+                )
 
-        return jax.lax.scan(body, h, (jnp.arange(start, stop), cache))
+            h, written = jax.lax.scan(body, h, (jnp.arange(start, stop), cache))
+        if cache is None:
+            return h, None
+        # The layers return only the entries they wrote ([L, B, T, N, K]); one update of the
+        # stacked cache then happens in place (inside a decoding loop, with no copy).
+        start_slot = (0, 0, cache_index, 0, 0)
+        return h, jax.tree.map(
+            lambda c, w: jax.lax.dynamic_update_slice(c, w, start_slot), cache, written
+        )
 
     def _segments(self, start: int, stop: int):
         """Splits [start, stop) into (below, at, above) the neuron layer; empty pieces kept."""
@@ -202,6 +209,43 @@ class Decoder(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self._head(h), cache
+
+    def prefill_with_prefix(self, prefix, tokens, cache: DecoderCache, key_mask, positions, neuron):
+        """The prompt pass of rows that all open with prefix[P] and go on with tokens[B, T]
+        (left-padded): (logits [B, 1, V] at the last slot, cache with slots [0, P + T) written).
+
+        `key_mask` [B, S] and `positions` [B, P + T] cover prefix and tokens. Below the neuron
+        layer nothing depends on the row, so those layers run the prefix once, at batch 1, and
+        every row's cache gets its keys and values; from the neuron layer up the neuron acts on
+        the prefix too, so every row runs it there. Without a neuron, no layer depends on the
+        row and the prefix runs once through all of them.
+        """
+        cfg = self.config
+        k = cfg.n_layers if neuron is None else cfg.neuron_layer  # layers shared by all rows
+        batch, p = tokens.shape[0], prefix.shape[0]
+        h_prefix, prefix_cache = self._layers(
+            self.embed(prefix[None]),
+            0,
+            k,
+            positions[:1, :p],
+            jnp.ones((1, p), bool),
+            None,
+            init_cache(cfg, 1, p),
+        )
+
+        def share(row_cache, one):  # [L, B, S, N, K] <- [L, 1, P, N, K] at slots [0, P)
+            shared = jnp.broadcast_to(one, (one.shape[0], batch, *one.shape[2:]))
+            return jax.lax.dynamic_update_slice(row_cache, shared, (0, 0, 0, 0, 0))
+
+        cache = jax.tree.map(share, cache, prefix_cache)  # layers above k: rewritten below
+        h, cache = self._layers(
+            self.embed(tokens), 0, k, positions[:, p:], key_mask, None, cache, cache_index=p
+        )
+        if k < cfg.n_layers:
+            h_prefix = jnp.broadcast_to(h_prefix, (batch, *h_prefix.shape[1:]))
+            h = jnp.concatenate([h_prefix, h], axis=1)
+            h, cache = self._layers(h, k, cfg.n_layers, positions, key_mask, neuron, cache, 0)
+        return self._head(h[:, -1:]), cache
 
 
 def init_cache(config: LMConfig, batch: int, length: int) -> DecoderCache:
