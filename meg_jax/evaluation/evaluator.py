@@ -107,13 +107,14 @@ def generation_stops(template: PromptTemplate) -> tuple[str, ...]:
 
 def _tf_flags(
     runner: ModelRunner,
-    template: PromptTemplate,
+    prompts: Sequence[str],
     queries: Sequence[_Query],
     neurons: Neuron,
     mode: str,
     generated: Sequence[Sequence[int]] | None = None,
 ) -> list[np.ndarray]:
-    """Per query the bool flags of its target tokens under teacher forcing.
+    """Per query the bool flags of its target tokens under teacher forcing (`prompts`: each
+    query in the host's template).
 
     `generated` (reference mode): each query's greedy new tokens under the same neuron. Step i
     runs the re-tokenised prompt + t_<i; when those ids are the prompt's ids followed by the
@@ -122,7 +123,6 @@ def _tf_flags(
     path (or where re-tokenisation merged across the boundary) cost a forward pass.
     """
     tok = runner.tokenizer
-    prompts = [template.format_query(q.text) for q in queries]
     if mode == "fast":
         tq = [build_target_query(tok, p, q.target) for p, q in zip(prompts, queries, strict=True)]
         scores = runner.scores([t.input_ids for t in tq], neurons)
@@ -178,7 +178,7 @@ def evaluate_meg(
     generated = runner.generate_ids(prompts, neurons, cfg.max_new_tokens, stop_texts)
     continuations = runner.tokenizer.batch_decode(generated, skip_special_tokens=True)
     reuse = generated if cfg.reuse_generation else None
-    tf = _tf_flags(runner, template, queries, neurons, cfg.tf_mode, reuse)
+    tf = _tf_flags(runner, prompts, queries, neurons, cfg.tf_mode, reuse)
 
     rows = [{"id": r.id, "prompt": r.prompt, "target": r.target_new} for r in records]
     by_kind: dict[str, list[int]] = {k: [] for k in KINDS}
