@@ -81,7 +81,7 @@ def median(values) -> float:
 
 def write_result(name: str, result: dict) -> Path:
     """bench/results/<name>.json, atomically, with the machine and the date added."""
-    from meg_jax.data.jsonio import write_json_atomic
+    from meg_jax.infra.files import write_json_atomic
 
     result = {
         **result,

@@ -27,9 +27,9 @@ import torch
 from common import SHARED, alternate, write_result
 from torch_reference import torch_llama
 
+from meg_jax.checkpoints.hosts import load_host
 from meg_jax.data.jsonio import read_records
 from meg_jax.data.templates import get_template
-from meg_jax.hosts import load_host
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate, left_pad

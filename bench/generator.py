@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import RESULTS, SHARED, median, write_result
 
+from meg_jax.checkpoints.hosts import load_host
 from meg_jax.collect.bank import load_bank
 from meg_jax.data.jsonio import read_records
 from meg_jax.data.templates import get_template
@@ -33,8 +34,7 @@ from meg_jax.diffusion.train import train_generator
 from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.evaluation.evaluator import generation_stops
 from meg_jax.evaluation.metrics import answer_ag_correct
-from meg_jax.evaluation.runner import ModelRunner
-from meg_jax.hosts import load_host
+from meg_jax.inference.runner import ModelRunner
 from meg_jax.models.neuron import unflatten_neuron
 from meg_jax.pipeline import _encoder_path
 
@@ -98,7 +98,7 @@ def train_recipe(name, preset, args, bank, conditions, runner, prompts, targets,
 def hardware_use(cfg, result, conditions, peak):
     """Samples/s of training and queries/s of sampling, and their FLOP/s over `peak`."""
     from meg_jax.diffusion.train_step import make_train_step
-    from meg_jax.sharding import make_mesh
+    from meg_jax.infra.sharding import make_mesh
 
     mesh = make_mesh()
     n = conditions.shape[0]

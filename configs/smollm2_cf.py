@@ -12,7 +12,7 @@ fits nothing, lr 0.5 for 50 steps fits every edit.
 
 import ml_collections
 
-from meg_jax.config_utils import parse_arg
+from meg_jax.infra.config import parse_arg
 
 SHARED = "../shared/data"
 

@@ -13,27 +13,27 @@ from pathlib import Path
 
 import numpy as np
 
+from meg_jax.checkpoints.hosts import load_host
 from meg_jax.collect.bank import WeightBank, load_bank
 from meg_jax.collect.stage import CollectConfig, Collector, EditToFit, collect_bank
-from meg_jax.config_utils import dataclass_from_dict
 from meg_jax.data.download import load_edits
-from meg_jax.data.jsonio import write_json_atomic
 from meg_jax.data.preprocess import meg_preprocess_config, prepare_edits
 from meg_jax.data.templates import PromptTemplate, get_template
 from meg_jax.diffusion.config import generator_config
 from meg_jax.diffusion.train import train_generator
-from meg_jax.editor import MeGEditor
 from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs
 from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.encoder.train import InfoNCEConfig, train_infonce
-from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg, generation_stops, zero_editor
+from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg, generation_stops
 from meg_jax.evaluation.metrics import answer_ag_correct
 from meg_jax.evaluation.report import write_report
-from meg_jax.evaluation.runner import ModelRunner
-from meg_jax.hosts import load_host
+from meg_jax.inference.editor import MeGEditor, zero_editor
+from meg_jax.inference.runner import ModelRunner
+from meg_jax.infra.config import dataclass_from_dict
+from meg_jax.infra.files import write_json_atomic
+from meg_jax.infra.sharding import DECODER_RULES, make_mesh, param_shardings
 from meg_jax.router.calibrate import CalibrationConfig, calibrate, plot_roc, write_calibration
 from meg_jax.router.train import RouterTrainConfig, train_router
-from meg_jax.sharding import DECODER_RULES, make_mesh, param_shardings
 
 log = logging.getLogger(__name__)
 

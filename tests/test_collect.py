@@ -17,7 +17,7 @@ from meg_jax.evaluation.metrics import answer_ag_correct
 
 
 def test_fit_matches_reference_bank_and_resumes(shared_data, tmp_path):
-    hosts = pytest.importorskip("meg_jax.hosts")
+    hosts = pytest.importorskip("meg_jax.checkpoints.hosts")
     try:
         config, params, tok = hosts.load_host(
             "smollm2", neuron_layer=14, neuron_activation="identity"

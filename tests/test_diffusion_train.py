@@ -111,7 +111,7 @@ def test_sharded_step_equals_single_device_step():
         from meg_jax.diffusion import generator_config
         from meg_jax.diffusion.normalization import fit_normalization, normalize
         from meg_jax.diffusion.train_step import init_state, make_train_step
-        from meg_jax.sharding import make_mesh, replicated
+        from meg_jax.infra.sharding import make_mesh, replicated
 
         assert jax.device_count() == 8
         rng = np.random.default_rng(0)

@@ -11,7 +11,6 @@ import torch
 from conftest import run_with_fake_devices
 from test_bert import MINILM, tiny_bert_dir
 
-from meg_jax.checkpoints.convert import flatten_tree
 from meg_jax.data.readers import read_edits
 from meg_jax.encoder.infonce import (
     info_nce_loss,
@@ -23,6 +22,7 @@ from meg_jax.encoder.infonce import (
 from meg_jax.encoder.text_encoder import TextEncoder, apply_template, batch_rows, cls_vectors
 from meg_jax.encoder.tokenize import BertTokenizer, bucket_length
 from meg_jax.encoder.train import InfoNCEConfig, restore_best_top_layers, train_infonce
+from meg_jax.infra.trees import flatten_tree
 
 GPTJ_TEMPLATE = "Q: Answer the following question in less than 5 words. {query}\nA:"
 
@@ -185,10 +185,10 @@ def test_encode_and_train_on_eight_fake_devices(tiny, tmp_path):
     run_with_fake_devices(
         f"""
         import dataclasses, json, jax, numpy as np
-        from meg_jax.checkpoints.convert import flatten_tree
+        from meg_jax.infra.trees import flatten_tree
         from meg_jax.encoder.text_encoder import TextEncoder
         from meg_jax.encoder.train import InfoNCEConfig, train_infonce
-        from meg_jax.sharding import make_mesh
+        from meg_jax.infra.sharding import make_mesh
         pairs = [tuple(p) for p in json.load(open({str(tmp_path / "pairs.json")!r}))]
         bert = {str(root / "bert")!r}
         enc = TextEncoder.from_pretrained(bert, batch_size=16)

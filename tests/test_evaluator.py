@@ -20,10 +20,11 @@ from meg_jax.checkpoints.hf_decoder import load_hf_decoder
 from meg_jax.data.preprocess import pre_edit_answers
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
-from meg_jax.evaluation.evaluator import EvalConfig, evaluate_classic, evaluate_meg, zero_editor
+from meg_jax.evaluation.evaluator import EvalConfig, evaluate_classic, evaluate_meg
 from meg_jax.evaluation.metrics import postprocess_answer
 from meg_jax.evaluation.report import write_report
-from meg_jax.evaluation.runner import ModelRunner, shared_prefix
+from meg_jax.inference.editor import zero_editor
+from meg_jax.inference.runner import ModelRunner, shared_prefix
 from meg_jax.models import generate as generate_module
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate
@@ -222,9 +223,9 @@ def test_sharded_evaluator_matches_single_device(setup):
     from meg_jax.data.readers import read_edits
     from meg_jax.data.templates import get_template
     from meg_jax.evaluation.evaluator import EvalConfig, evaluate_meg
-    from meg_jax.evaluation.runner import ModelRunner
+    from meg_jax.inference.runner import ModelRunner
     from meg_jax.models import generate
-    from meg_jax.sharding import DECODER_RULES, make_mesh, param_shardings
+    from meg_jax.infra.sharding import DECODER_RULES, make_mesh, param_shardings
     mesh = make_mesh(data=4, model=2)
     config, params = load_hf_decoder(
         {str(path)!r}, neuron_layer=1, eos_token_ids=(50256,), pad_token_id=50256,

@@ -14,9 +14,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from meg_jax.checkpoints.hf_decoder import abstract_decoder_params, lm_config_from_hf
+from meg_jax.checkpoints.presets import PRESETS, hf_config, lm_config
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.neuron import Neuron, neuron_vector_size
-from meg_jax.models.presets import PRESETS, hf_config, lm_config
 
 FULL_SIZE = ["gpt-j-6b", "phi-2", "llama-3-8b-instruct", "llama-3.1-8b-instruct"]
 

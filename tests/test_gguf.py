@@ -20,8 +20,8 @@ from meg_jax.checkpoints.gguf_reader import (
     permute_qk,
     unpermute_qk,
 )
+from meg_jax.checkpoints.hosts import load_host
 from meg_jax.checkpoints.tokenizer import tokenizer_from_gguf
-from meg_jax.hosts import load_host
 from meg_jax.models.decoder import Decoder
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

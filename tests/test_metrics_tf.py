@@ -16,12 +16,12 @@ from meg_jax.evaluation.teacher_forcing import (
     build_target_query,
     build_tf_queries,
     fast_tf_token_correct,
-    pad_right,
     target_logprobs,
     target_token_ids,
     tf_accuracy,
     tf_token_correct,
 )
+from meg_jax.models.generate import pad_right
 
 PROMPT = "The capital of France is"
 PROMPT_IDS = (464, 3139, 286, 4881, 318)  # GPT-2

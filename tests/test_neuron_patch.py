@@ -19,6 +19,7 @@ import torch
 from hf_tiny import VOCAB, tiny_gptj, tiny_llama, tiny_phi
 
 from meg_jax.checkpoints.hf_decoder import load_hf_decoder
+from meg_jax.checkpoints.presets import lm_config
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.neuron import (
     Neuron,
@@ -27,7 +28,6 @@ from meg_jax.models.neuron import (
     unflatten_neuron,
     zero_neuron,
 )
-from meg_jax.models.presets import lm_config
 
 LAYER = 1  # of 3: layers below and above the patched one exist
 B, T = 3, 10

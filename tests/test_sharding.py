@@ -18,10 +18,10 @@ from conftest import run_with_fake_devices
 
 import meg_jax.models.generate as generate_module
 from meg_jax.checkpoints.hf_decoder import abstract_decoder_params, load_hf_decoder
+from meg_jax.infra.sharding import DECODER_RULES, match_partition_rules
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate, left_pad
-from meg_jax.sharding import DECODER_RULES, match_partition_rules
 
 # The "model" axis splits the vocabulary, so it must divide it (hf_tiny's 97 does not).
 VOCAB = 128
@@ -32,7 +32,7 @@ import json, sys
 import jax, numpy as np
 from meg_jax.checkpoints.hf_decoder import abstract_decoder_params, load_hf_decoder
 from meg_jax.models.decoder import Decoder
-from meg_jax.sharding import DECODER_RULES, make_mesh, param_shardings, shard_batch
+from meg_jax.infra.sharding import DECODER_RULES, make_mesh, param_shardings, shard_batch
 
 mesh = make_mesh(data=2, model=4)
 tokens = np.asarray({tokens})

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meg_jax.hosts import load_host, smollm2_gguf_path
+from meg_jax.checkpoints.hosts import load_host, smollm2_gguf_path
 from meg_jax.models.generate import greedy_generate, left_pad
 
 pytestmark = pytest.mark.slow

@@ -19,6 +19,7 @@ from jax.sharding import SingleDeviceSharding
 
 from meg_jax.checkpoints.errors import CheckpointError
 from meg_jax.checkpoints.files import TensorStore
+from meg_jax.infra.trees import flatten_tree, unflatten_tree
 
 
 def identity(array: np.ndarray) -> np.ndarray:
@@ -43,27 +44,6 @@ class Rule:
         if self.stacked:
             return [self.source.format(i=i) for i in range(n_layers)]
         return [self.source]
-
-
-def flatten_tree(tree) -> dict[str, object]:
-    """{'a/b/c': leaf} for a nested dict tree; a leading 'params' level is dropped."""
-    if isinstance(tree, dict) and set(tree) == {"params"}:
-        tree = tree["params"]
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
-    return flat
-
-
-def unflatten_tree(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = leaf
-    return tree
 
 
 def _transformed_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -119,7 +99,7 @@ def load_params(
 ):
     """Reads `store` into a parameter tree shaped like `abstract_params` (from `jax.eval_shape`).
 
-    `shardings` (a tree matching the parameters, e.g. from `meg_jax.sharding`) places each
+    `shardings` (a tree matching the parameters, e.g. from `meg_jax.infra.sharding`) places each
     tensor's slices on their devices; by default everything goes to the first device. `dtype`
     overrides the abstract dtypes. `ignore` lists regexes of file tensors that are not used on
     purpose (e.g. a BERT pooler, rotary caches).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meg_jax.data.jsonio import write_bytes_atomic
+from meg_jax.infra.files import write_bytes_atomic
 
 _FIELDS = ("case_id", "weights", "success", "final_loss", "init")
 

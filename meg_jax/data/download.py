@@ -21,10 +21,10 @@ import os
 import urllib.request
 from pathlib import Path
 
-from meg_jax.data.jsonio import write_bytes_atomic
 from meg_jax.data.readers import read_edits
 from meg_jax.data.readers_zsre import ZsreTarget
 from meg_jax.data.records import EditRecord
+from meg_jax.infra.files import write_bytes_atomic
 
 DATA_HOST = "https://rome.baulab.info/data/dsets/"
 KNOWN_DATASETS = {

@@ -1,22 +1,16 @@
-"""Reading edit files (a JSON array or JSON Lines) and writing JSON atomically.
+"""Reading edit files: a JSON array or JSON Lines.
 
 A JSON array is recognised by its first non-blank character `[`; anything else is read as JSON
 Lines, one object per non-blank line. Parse errors name the file and the line (and, for JSON
 Lines, the record index) so that a broken download or a hand-edited file is easy to fix.
-
-Writes go to a temporary file in the destination folder and are then renamed with `os.replace`,
-so a crash never leaves a half-written file under the final name.
 """
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from meg_jax.data.records import DataFormatError
-
-_FILE_MODE = 0o644
 
 
 def parse_records(text: str, file: str) -> list[Any]:
@@ -60,26 +54,3 @@ def read_records(path: str | os.PathLike) -> list[Any]:
     except UnicodeDecodeError as err:
         raise DataFormatError(f"{path}: not UTF-8 text (byte {err.start})") from None
     return parse_records(text, str(path))
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; results are for others to read too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Writes `obj` as UTF-8 JSON to `path` atomically."""
-    data = json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")
-    write_bytes_atomic(path, data)

@@ -28,10 +28,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from meg_jax.data.jsonio import write_json_atomic
+from meg_jax.data.answers import GreedyGenerateFn, postprocess_locality_answer
 from meg_jax.data.records import DataFormatError, EditRecord
 from meg_jax.data.templates import PromptTemplate, get_template
-from meg_jax.evaluation.metrics import GreedyGenerateFn, postprocess_locality_answer
+from meg_jax.infra.files import write_json_atomic
 
 NQ_PREFIX = "nq question: "
 _CACHE_VERSION = 1

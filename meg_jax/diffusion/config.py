@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from meg_jax.config_utils import dataclass_from_dict
+from meg_jax.infra.config import dataclass_from_dict
 
 
 @dataclass(frozen=True)

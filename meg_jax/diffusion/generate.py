@@ -23,7 +23,7 @@ from meg_jax.diffusion.normalization import NormStats, center_conditions, denorm
 from meg_jax.diffusion.samplers import sample_loop
 from meg_jax.diffusion.schedule import make_schedule
 from meg_jax.diffusion.train_step import TrainState, sampling_params
-from meg_jax.sharding import data_sharding, replicated
+from meg_jax.infra.sharding import data_sharding, replicated
 
 
 class GeneratorParams(NamedTuple):

@@ -30,8 +30,6 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from meg_jax.config_utils import dataclass_from_dict
-from meg_jax.data.jsonio import write_json_atomic
 from meg_jax.diffusion.bank import batch_rows, padded_batch_size, prepare_bank
 from meg_jax.diffusion.config import GeneratorConfig
 from meg_jax.diffusion.generate import GeneratorParams, as_generator_params, generate
@@ -42,8 +40,10 @@ from meg_jax.diffusion.normalization import (
     normalize,
 )
 from meg_jax.diffusion.train_step import TrainState, init_state, make_train_step
-from meg_jax.encoder.runs import JsonlLog, checkpoint_manager, restore_or, save
-from meg_jax.sharding import make_mesh
+from meg_jax.infra.config import dataclass_from_dict
+from meg_jax.infra.files import write_json_atomic
+from meg_jax.infra.runs import JsonlLog, checkpoint_manager, restore_or, save
+from meg_jax.infra.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from meg_jax.diffusion.losses import training_losses
 from meg_jax.diffusion.normalization import NormStats
 from meg_jax.diffusion.process import q_sample
 from meg_jax.diffusion.schedule import make_schedule
-from meg_jax.sharding import data_sharding, replicated
+from meg_jax.infra.sharding import data_sharding, replicated
 
 
 @flax.struct.dataclass

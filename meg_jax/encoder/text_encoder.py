@@ -26,9 +26,9 @@ from jax.sharding import Mesh
 
 from meg_jax.checkpoints.bert_keys import load_hf_bert
 from meg_jax.encoder.tokenize import BertTokenizer, TokenBatch
+from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
 from meg_jax.models.bert import Bert
 from meg_jax.models.bert_config import BertConfig
-from meg_jax.sharding import make_mesh, replicated, shard_batch
 
 PLACEHOLDER = "{query}"
 

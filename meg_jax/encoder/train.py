@@ -33,12 +33,12 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from meg_jax.encoder import runs
 from meg_jax.encoder.infonce import Pair, info_nce_loss, retrieval_sets, retrieval_top1
 from meg_jax.encoder.text_encoder import TextEncoder, apply_template, frozen_hidden
+from meg_jax.infra import runs
+from meg_jax.infra.sharding import replicated, shard_batch
 from meg_jax.models.bert import Bert
 from meg_jax.models.bert_config import BertConfig
-from meg_jax.sharding import replicated, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,7 +21,7 @@ the greedy generation already took are read off it, so most queries cost no TF f
 """
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,16 +34,16 @@ from meg_jax.evaluation.metrics import (
     meg_score,
     percent,
 )
-from meg_jax.evaluation.runner import ModelRunner, take_rows
 from meg_jax.evaluation.teacher_forcing import (
     TargetQuery,
     build_target_query,
     build_tf_queries,
     tf_accuracy,
 )
+from meg_jax.inference.editor import Editor
+from meg_jax.inference.runner import ModelRunner, take_rows
 from meg_jax.models.neuron import Neuron
 
-Editor = Callable[[Sequence[str]], Neuron]
 KINDS = ("rel", "gen", "loc")
 SIX = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf")
 
@@ -64,20 +64,6 @@ class EvalConfig:
     # Reference TF: a step whose re-tokenised input is the prompt plus the tokens the greedy
     # generation already produced is read from the generation (the same argmax), not re-run.
     reuse_generation: bool = True
-
-
-def zero_editor(d_model: int) -> Editor:
-    """The unedited model: every query gets the all-zero neuron."""
-
-    def editor(queries: Sequence[str]) -> Neuron:
-        q = len(queries)
-        return Neuron(
-            np.zeros((q, d_model), np.float32),
-            np.zeros((q,), np.float32),
-            np.zeros((q, d_model), np.float32),
-        )
-
-    return editor
 
 
 @dataclasses.dataclass

@@ -6,9 +6,9 @@ Reliability, Generality and Locality are each read two ways (METHOD.md §1.3):
   - TF (teacher forcing): token top-1 accuracy. `meg_jax.evaluation.teacher_forcing`.
 Score is the harmonic mean of the six percentages.
 
-Nothing here runs a model. A model enters through two small protocols, so the batched evaluator
-(and tests) can plug in anything: `GreedyGenerateFn` (prompts -> decoded continuations) and
-`LogitsFn` (token ids -> logits).
+Nothing here runs a model. A model enters through `LogitsFn` (token ids -> logits), so the batched
+evaluator (and tests) can plug in anything. How an answer is read (cuts, post-processing,
+matching) lives with the prompt templates, in `meg_jax.data.answers`.
 
 Axes: B batch, T tokens, V vocabulary.
 
@@ -24,21 +24,16 @@ AG post-processing, exactly as the reference (`evaluate_*_self_and_tf_parallel.p
 """
 
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
-MatchRule = Literal["exact", "startswith"]
-
-
-class GreedyGenerateFn(Protocol):
-    """Greedy decoding: the decoded continuation of each prompt, special tokens skipped.
-
-    The prompt is not part of the returned text. MeG generates at most 20 new tokens (Phi-2:
-    200 tokens in total); that limit is the generator's business, not the metric's.
-    """
-
-    def __call__(self, prompts: list[str]) -> list[str]: ...
+from meg_jax.data.answers import (
+    MatchRule,
+    answer_matches,
+    postprocess_answer,
+    postprocess_locality_answer,
+)
 
 
 class LogitsFn(Protocol):
@@ -46,38 +41,6 @@ class LogitsFn(Protocol):
     right-padded) -> logits [B, T, V]. Only positions under the mask are read."""
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
-
-
-def cut_at(text: str, cuts: Sequence[str]) -> str:
-    """`text` up to the first occurrence of each stop string, applied in order."""
-    for stop in cuts:
-        text = text.split(stop, 1)[0]
-    return text
-
-
-def postprocess_answer(continuation: str, cuts: Sequence[str]) -> str:
-    """A Rel/Gen AG prediction: cut, strip trailing whitespace, drop one trailing "."."""
-    text = cut_at(continuation, cuts).rstrip()
-    return text[:-1] if text.endswith(".") else text
-
-
-def postprocess_locality_answer(continuation: str, cuts: Sequence[str]) -> str:
-    """A Loc AG prediction or pre-edit answer: cut, `.strip()`, then `.rstrip(".")`."""
-    return cut_at(continuation, cuts).strip().rstrip(".")
-
-
-def answer_matches(prediction: str, target: str, rule: MatchRule = "exact") -> bool:
-    """Whether a post-processed prediction states `target` (the prediction keeps its leading
-    space, so it is compared with `" " + target`), case-insensitively.
-
-    `rule="exact"` is MeG's; `"startswith"` is the lenient rule of the reference's baseline path.
-    """
-    label = (" " + target).lower()
-    if rule == "exact":
-        return prediction.lower() == label
-    if rule == "startswith":
-        return prediction.lower().startswith(label)
-    raise ValueError(f"unknown match rule {rule!r}; expected 'exact' or 'startswith'")
 
 
 def answer_ag_correct(

@@ -8,8 +8,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from meg_jax.data.jsonio import write_bytes_atomic, write_json_atomic
 from meg_jax.evaluation.evaluator import SIX
+from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
 
 LABELS = {
     "rel_ag": "Rel AG",

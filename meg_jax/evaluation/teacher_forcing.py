@@ -35,6 +35,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from meg_jax.evaluation.metrics import LogitsFn
+from meg_jax.models.generate import pad_right
 
 _NO_TOKEN = -1
 
@@ -96,23 +97,6 @@ def build_target_query(
         raise ValueError(f"prompt {prompt!r} tokenises to no tokens; nothing predicts the target")
     target_ids = target_token_ids(tokenizer, target)
     return TargetQuery(tuple(prompt_ids + target_ids[:-1]), len(prompt_ids), tuple(target_ids))
-
-
-def pad_right(
-    sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids [B, T] int32 and mask [B, T] int32; T rounded up to `multiple_of`
-    (fewer distinct shapes, so fewer recompilations of a jitted model)."""
-    if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("cannot pad an empty batch or an empty sequence")
-    longest = max(len(s) for s in sequences)
-    width = -(-longest // multiple_of) * multiple_of
-    ids = np.full((len(sequences), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(sequences), width), dtype=np.int32)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 def _batched_logits(

@@ -54,6 +54,23 @@ def left_pad(
     return tokens, mask
 
 
+def pad_right(
+    sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids [B, T] int32 and mask [B, T] int32; T rounded up to `multiple_of`
+    (fewer distinct shapes, so fewer recompilations of a jitted model)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("cannot pad an empty batch or an empty sequence")
+    longest = max(len(s) for s in sequences)
+    width = -(-longest // multiple_of) * multiple_of
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(sequences), width), dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 class DecodeState(NamedTuple):
     """A batch of B rows in the middle of greedy decoding (S = T + N cache slots)."""
 

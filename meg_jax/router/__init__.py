@@ -17,13 +17,14 @@ from meg_jax.router.calibrate import (
     roc_curve,
     write_calibration,
 )
+from meg_jax.router.gate import Router
 from meg_jax.router.network import (
     FamiliarityConfig,
     FamiliarityNet,
     entropy,
     familiarity_entropy,
 )
-from meg_jax.router.train import Router, RouterTrainConfig, restore_router, train_router
+from meg_jax.router.train import RouterTrainConfig, restore_router, train_router
 
 __all__ = [
     "CalibrationConfig",

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from meg_jax.data.jsonio import write_bytes_atomic, write_json_atomic
+from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)

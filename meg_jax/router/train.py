@@ -23,9 +23,10 @@ import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from meg_jax.encoder import runs
-from meg_jax.router.network import FamiliarityConfig, FamiliarityNet, familiarity_entropy
-from meg_jax.sharding import make_mesh, replicated, shard_batch
+from meg_jax.infra import runs
+from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
+from meg_jax.router.gate import Router, padded_rows
+from meg_jax.router.network import FamiliarityConfig, FamiliarityNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,45 +60,6 @@ class RouterTrainConfig:
 
     def network(self, width: int) -> FamiliarityConfig:
         return FamiliarityConfig(width, self.n_blocks, self.expansion, self.n_classes, self.dropout)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Router:
-    """The trained gate: `route(conditions)` is True where a query should get a generated neuron."""
-
-    config: FamiliarityConfig
-    params: dict
-    threshold: float
-    mesh: Mesh
-    batch_size: int = 1024
-
-    def entropy(self, conditions: np.ndarray) -> np.ndarray:
-        """H [N] for conditions[N, E] (raw-query [CLS] vectors), in fixed-size batches."""
-        x = np.asarray(conditions, np.float32)
-        if x.ndim != 2 or x.shape[1] != self.config.width:
-            raise ValueError(f"conditions of shape {x.shape}; expected [N, {self.config.width}]")
-        rows = _rows(min(self.batch_size, max(len(x), 1)), self.mesh)
-        out = []
-        for start in range(0, len(x), rows):
-            part = x[np.arange(start, start + rows) % len(x)]  # wrap: one shape, no empty rows
-            out.append(
-                np.asarray(
-                    familiarity_entropy(self.config, self.params, shard_batch(self.mesh, part))
-                )
-            )
-        return np.concatenate(out)[: len(x)] if out else np.zeros((0,), np.float32)
-
-    def route(self, conditions: np.ndarray) -> np.ndarray:
-        """bool [N]: entropy below the threshold, i.e. an edited (or paraphrased) query."""
-        return self.entropy(conditions) < self.threshold
-
-    def with_threshold(self, threshold: float) -> "Router":
-        return dataclasses.replace(self, threshold=float(threshold))
-
-
-def _rows(batch: int, mesh: Mesh) -> int:
-    data = mesh.shape["data"]
-    return -(-batch // data) * data
 
 
 def random_labels(n: int, n_classes: int, seed: int) -> np.ndarray:
@@ -169,7 +131,7 @@ def train_router(
     net = FamiliarityNet(net_config)
     labels = random_labels(len(x), config.n_classes, config.seed)
     batch = min(config.batch_size, len(x))
-    rows = _rows(batch, mesh)  # padded to split evenly over the data axis
+    rows = padded_rows(batch, mesh)  # padded to split evenly over the data axis
     steps_per_epoch = -(-len(x) // batch)
     total = config.num_epochs * steps_per_epoch
     tx = _optimizer(config.learning_rate, config.weight_decay)

@@ -12,7 +12,7 @@ Only routed queries are sent to the diffusion sampler, so unrelated traffic cost
 """
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -21,7 +21,10 @@ from meg_jax.diffusion.config import GeneratorConfig
 from meg_jax.diffusion.generate import generate
 from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.models.neuron import Neuron, unflatten_neuron
-from meg_jax.router.train import Router
+from meg_jax.router.gate import Router
+
+# Any function from raw queries to one neuron per query; the all-zero neuron is "no edit".
+Editor = Callable[[Sequence[str]], Neuron]
 
 
 @dataclasses.dataclass
@@ -55,3 +58,17 @@ class MeGEditor:
                 generate(self.generator_params, conditions, rng, self.generator_config)
             )
         return unflatten_neuron(flat, self.d_model, self.with_bias)
+
+
+def zero_editor(d_model: int) -> Editor:
+    """The unedited model: every query gets the all-zero neuron."""
+
+    def editor(queries: Sequence[str]) -> Neuron:
+        q = len(queries)
+        return Neuron(
+            np.zeros((q, d_model), np.float32),
+            np.zeros((q,), np.float32),
+            np.zeros((q, d_model), np.float32),
+        )
+
+    return editor

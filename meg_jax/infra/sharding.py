@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from meg_jax.checkpoints.convert import flatten_tree, unflatten_tree
+from meg_jax.infra.trees import flatten_tree, unflatten_tree
 
 PartitionRules = Sequence[tuple[str, P]]
 

@@ -30,12 +30,11 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from meg_jax.evaluation.teacher_forcing import pad_right
+from meg_jax.infra.sharding import make_mesh, shard_batch
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder
-from meg_jax.models.generate import greedy_generate, left_pad
+from meg_jax.models.generate import greedy_generate, left_pad, pad_right
 from meg_jax.models.neuron import Neuron
-from meg_jax.sharding import make_mesh, shard_batch
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -1,0 +1,35 @@
+"""Atomic writes: a temporary file in the destination folder, then `os.replace`.
+
+A crash never leaves a half-written file under the final name, so a result that exists is whole.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_FILE_MODE = 0o644
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; results are for others to read too
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as UTF-8 JSON to `path` atomically."""
+    data = json.dumps(obj, ensure_ascii=False, indent=1).encode("utf-8")
+    write_bytes_atomic(path, data)
