@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import jax
+import ml_dtypes
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
@@ -87,6 +88,23 @@ def _check_rules(store, rules, abstract, n_layers, ignore) -> dict[str, Rule]:
     return by_target
 
 
+def _finite(store: TensorStore, name: str, array: np.ndarray) -> np.ndarray:
+    """`array` (the slice of tensor `name` being placed), or an error if it holds NaN or inf.
+
+    A non-finite weight poisons every activation after it, and the run would end in empty
+    predictions with no hint why; checking here costs one pass over bytes being copied anyway.
+    """
+    if np.issubdtype(array.dtype, np.inexact) or array.dtype == ml_dtypes.bfloat16:
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise CheckpointError(
+                f"{store.path}: tensor {name!r} holds {int(bad.sum())} non-finite value(s) "
+                "(NaN or inf); the checkpoint is damaged or was saved from a diverged run. "
+                "Use an intact copy of the weights"
+            )
+    return array
+
+
 def load_params(
     store: TensorStore,
     rules: Sequence[Rule],
@@ -117,9 +135,13 @@ def load_params(
         def read(index, rule=rule, sources=sources, target_dtype=target_dtype):
             if rule.stacked:
                 layer_ids = range(len(sources))[index[0]]
-                parts = [rule.transform(store.get(sources[i]))[index[1:]] for i in layer_ids]
+                parts = [
+                    _finite(store, sources[i], rule.transform(store.get(sources[i]))[index[1:]])
+                    for i in layer_ids
+                ]
                 return np.stack(parts).astype(target_dtype)
-            return np.asarray(rule.transform(store.get(sources[0]))[index], dtype=target_dtype)
+            part = _finite(store, sources[0], rule.transform(store.get(sources[0]))[index])
+            return np.asarray(part, dtype=target_dtype)
 
         sharding = flat_shardings[target] if flat_shardings is not None else default
         out[target] = jax.make_array_from_callback(tuple(leaf.shape), sharding, read)

@@ -32,6 +32,10 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# What to do about a damaged weight file: a partial download or copy is the usual cause.
+_REFETCH = "download or copy it again (or re-export it with save_pretrained)"
+
+
 class TensorStore:
     """Named tensors of one checkpoint, read on demand; `path` is what errors cite."""
 
@@ -68,24 +72,51 @@ class TensorStore:
 
 def _safetensors_entries(path: Path) -> tuple[dict, dict]:
     """Parses one .safetensors file into (loaders, shapes) backed by a shared memmap."""
+    size = path.stat().st_size if path.is_file() else 0
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:
+                raise CheckpointError(
+                    f"{path}: truncated safetensors file ({size} bytes, but its header alone "
+                    f"claims {header_len}); {_REFETCH}"
+                )
             header = json.loads(f.read(header_len))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({err}); {_REFETCH}"
+        ) from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object; {_REFETCH}")
+    data_bytes = size - 8 - header_len
+    # np.memmap refuses an empty range; a file of only empty tensors reads from an empty array.
+    data = (
+        np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+        if data_bytes > 0
+        else np.zeros(0, np.uint8)
+    )
     loaders, shapes = {}, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        try:
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(n) for n in info["shape"])
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has a malformed header entry {info!r} ({err}); {_REFETCH}"
+            ) from err
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
         if (end - begin) != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
             raise CheckpointError(f"{path}: tensor {name!r} byte range does not match its shape")
+        if end > data_bytes:
+            # The header is intact but the data stops early: an interrupted download or copy.
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to "
+                f"{end} of the data section, which holds only {data_bytes}; {_REFETCH}"
+            )
         loaders[name] = lambda b=begin, e=end, d=dtype, s=shape: data[b:e].view(d).reshape(s)
         shapes[name] = shape
     return loaders, shapes

@@ -27,7 +27,11 @@ import numpy as np
 from meg_jax.checkpoints.convert import Rule, load_params
 from meg_jax.checkpoints.errors import CheckpointError
 from meg_jax.checkpoints.files import TensorStore
-from meg_jax.checkpoints.hf_decoder import abstract_decoder_params, decoder_rules
+from meg_jax.checkpoints.hf_decoder import (
+    abstract_decoder_params,
+    decoder_rules,
+    make_lm_config,
+)
 from meg_jax.models.config import LMConfig
 
 # HF Llama tensor names (as `decoder_rules` spells them, `{i}` for the layer) -> GGUF names.
@@ -83,8 +87,14 @@ def open_gguf(path) -> tuple[dict[str, Any], TensorStore]:
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
         reader = gguf.GGUFReader(path)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from err
+    except Exception as err:
+        # A truncated or damaged file surfaces as IndexError, ValueError, struct errors...
+        # from deep inside the parser; name the file and the way out instead.
+        raise CheckpointError(
+            f"{path}: not a readable GGUF file ({path.stat().st_size} bytes; "
+            f"{type(err).__name__}: {err}). It is truncated or damaged: download it again, or "
+            "re-convert it with llama.cpp's convert_hf_to_gguf.py"
+        ) from err
     metadata = {name: field.contents() for name, field in reader.fields.items()}
 
     loaders, shapes = {}, {}
@@ -184,8 +194,7 @@ def lm_config_from_gguf(metadata: dict, store: TensorStore, **overrides) -> LMCo
         eos_token_ids=eos,
         pad_token_id=ids.get("padding", 0),
     )
-    fields.update(overrides)
-    return LMConfig(**fields)
+    return make_lm_config(fields, path, overrides)
 
 
 # ---- parameters -----------------------------------------------------------------------------

@@ -138,15 +138,43 @@ def lm_config_from_hf(config: dict, path: Path, **overrides) -> LMConfig:
             f"{path}: unsupported architecture model_type={model_type!r} "
             f"(architectures={config.get('architectures')}); supported: {SUPPORTED}"
         )
-    fields = _TRANSLATORS[model_type](config, path)
-    fields.update(
-        vocab_size=config["vocab_size"],
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=_eos_ids(config),
-        pad_token_id=config.get("pad_token_id") or 0,
-    )
-    fields.update(overrides)
-    return LMConfig(**fields)
+    try:
+        fields = _TRANSLATORS[model_type](config, path)
+        fields.update(
+            vocab_size=config["vocab_size"],
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_ids=_eos_ids(config),
+            pad_token_id=config.get("pad_token_id") or 0,
+        )
+    except CheckpointError:
+        raise
+    except KeyError as err:
+        raise CheckpointError(
+            f"{path}: required field {err.args[0]!r} is missing for model_type={model_type!r}; "
+            "the config.json is incomplete or damaged: copy it again from the model's source"
+        ) from err
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: a field has a value of the wrong type ({err}); the config.json is "
+            "damaged: copy it again from the model's source"
+        ) from err
+    return make_lm_config(fields, path, overrides)
+
+
+def make_lm_config(fields: dict, path, overrides: dict) -> LMConfig:
+    """`LMConfig` of a checkpoint's own `fields` with the caller's `overrides` applied.
+
+    A value the config refuses is blamed on the file `path` (a `CheckpointError`) when it came
+    from the file, and left as the plain `ValueError` naming the field when it came from the
+    caller (an `LMConfig.neuron_activation` typo is not the checkpoint's fault).
+    """
+    try:
+        LMConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: {err}; the checkpoint's config is damaged or unsupported"
+        ) from err
+    return LMConfig(**{**fields, **overrides})
 
 
 def decoder_rules(config: LMConfig) -> list[Rule]:

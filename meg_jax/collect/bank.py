@@ -9,6 +9,8 @@ and `init [P]` (the shared initial neuron every fit started from).
 
 import dataclasses
 import io
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,19 +73,55 @@ def save_bank(bank: WeightBank, path) -> None:
 
 
 def load_bank(path) -> WeightBank:
-    """Reads a bank written by `save_bank` (or the shared reference bank); names missing fields."""
+    """Reads a bank written by `save_bank` (or the shared reference bank).
+
+    A damaged file (truncated zip, corrupt member), a missing field or a successful row with a
+    non-finite weight is a `ValueError` naming the file (and the rows) and the way out.
+    """
     path = Path(path)
+    remedy = "delete it and rerun the collection stage, or restore an intact copy"
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: not a readable weight bank ({err})") from err
-    missing = [f for f in _FIELDS if f not in data.files]
+        with np.load(path) as data:
+            # Members are decompressed lazily: read them all here, inside the error handling.
+            arrays = {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise ValueError(
+            f"{path}: not a readable weight bank ({type(err).__name__}: {err}); {remedy}"
+        ) from err
+    missing = [f for f in _FIELDS if f not in arrays]
     if missing:
-        raise ValueError(f"{path}: weight bank lacks field(s) {missing}; has {data.files}")
-    return WeightBank(
-        data["case_id"].astype(np.int64),
-        data["weights"].astype(np.float32),
-        data["success"].astype(bool),
-        data["final_loss"].astype(np.float32),
-        data["init"].astype(np.float32),
+        raise ValueError(
+            f"{path}: weight bank lacks field(s) {missing}; has {sorted(arrays)}; {remedy}"
+        )
+    bank = WeightBank(
+        arrays["case_id"].astype(np.int64),
+        arrays["weights"].astype(np.float32),
+        arrays["success"].astype(bool),
+        arrays["final_loss"].astype(np.float32),
+        arrays["init"].astype(np.float32),
     )
+    check_finite(bank, path)
+    return bank
+
+
+def check_finite(bank: WeightBank, where) -> None:
+    """Every row marked successful, and the shared `init`, must be finite.
+
+    Failed fits are stored as NaN rows on purpose; a NaN row flagged successful is a corrupt
+    bank (or a diverged fit recorded as a success) and would poison the generator's targets.
+    """
+    bad = bank.success & ~np.isfinite(bank.weights).all(axis=1)
+    if bad.any():
+        ids = bank.case_id[bad].tolist()
+        shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
+        raise ValueError(
+            f"{where}: {len(ids)} weight-bank row(s) marked successful hold NaN or inf "
+            f"(case ids {shown}); the bank is damaged: delete it and rerun the collection stage"
+        )
+    if not np.isfinite(bank.init).all():
+        raise ValueError(
+            f"{where}: the bank's shared initial neuron 'init' holds NaN or inf; the bank is "
+            "damaged: delete it and rerun the collection stage"
+        )

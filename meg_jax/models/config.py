@@ -7,11 +7,25 @@ GGUF metadata and refuse fields whose value we do not implement.
 """
 
 import dataclasses
+import math
+import numbers
 from typing import Literal
 
 import jax.numpy as jnp
 
 Arch = Literal["llama", "gptj", "phi"]
+
+NEURON_ACTIVATIONS = ("model", "identity")
+_POSITIVE_INTS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "head_dim",
+    "d_ff",
+    "max_position",
+)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -62,6 +76,26 @@ class LMConfig:
     def __post_init__(self):
         if self.arch not in ("llama", "gptj", "phi"):
             raise ValueError(f"unsupported architecture {self.arch!r}; expected llama, gptj or phi")
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LMConfig.{name}: expected a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"LMConfig.{name}: expected a positive number, got {value!r}")
+        if self.neuron_activation not in NEURON_ACTIVATIONS:
+            # Checked here because the decoder treats anything but "model" as the identity.
+            raise ValueError(
+                f"LMConfig.neuron_activation: expected one of {NEURON_ACTIVATIONS}, "
+                f"got {self.neuron_activation!r}"
+            )
+        if not isinstance(self.neuron_layer, numbers.Integral) or isinstance(
+            self.neuron_layer, bool
+        ):
+            raise ValueError(
+                f"LMConfig.neuron_layer: expected an integer, got {self.neuron_layer!r}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
