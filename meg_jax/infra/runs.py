@@ -5,12 +5,16 @@ A run lives in one work directory:
     <workdir>/metrics.jsonl         one JSON object per logged event, appended and flushed
 
 Resuming restores the latest checkpoint into the structure of a freshly initialised state, so a
-state whose shapes changed (another model, another config) fails loudly instead of loading.
+state whose shapes changed (another model, another config) fails loudly instead of loading. A
+latest step that cannot be read (damaged by a crash) falls back to the newest readable one, with
+a warning; unfinished saves (`*.orbax-checkpoint-tmp-*`) are deleted when the manager opens.
 Metric lines written after the last checkpoint of an interrupted run are kept; a resumed run
 logs those steps again, so readers should take the last line per step.
 """
 
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 
 class JsonlLog:
@@ -39,26 +45,106 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"cannot log {type(value).__name__} as JSON")
 
 
+# Orbax writes a step into `<step>.orbax-checkpoint-tmp-<time>` and renames it when complete; a
+# crash mid-save leaves that folder behind, and orbax neither lists nor removes it.
+_PARTIAL_SAVE = ".orbax-checkpoint-tmp"
+
+
+class RestoreError(RuntimeError):
+    """No saved step of a run could be read; the message names the folder and the ways out."""
+
+
 def checkpoint_manager(workdir: str | Path, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """An orbax manager for `<workdir>/checkpoints` keeping the newest `max_to_keep` steps."""
+    """An orbax manager for `<workdir>/checkpoints` keeping the newest `max_to_keep` steps.
+
+    Partial saves left by a crash (`*.orbax-checkpoint-tmp-*`) are deleted first, with a warning:
+    they are never a resume point, and they would otherwise pile up with every interrupted run.
+    """
+    directory = Path(workdir).resolve() / "checkpoints"
+    _remove_partial_saves(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
-    return ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints", options=options)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _remove_partial_saves(directory: Path) -> None:
+    if not directory.is_dir():
+        return
+    for partial in sorted(directory.glob(f"*{_PARTIAL_SAVE}*")):
+        log.warning(
+            "%s: removing an unfinished checkpoint save left by an interrupted run", partial
+        )
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial)
+        else:
+            partial.unlink()
 
 
 def restore_or(manager: ocp.CheckpointManager, initial_state: Any) -> tuple[Any, bool]:
-    """(the latest saved state, True), or (`initial_state`, False) when nothing is saved.
+    """(the newest readable saved state, True), or (`initial_state`, False) when nothing is saved.
 
     `initial_state` is also the restore target: its structure, shapes, dtypes and shardings are
     what the saved arrays are read into.
+
+    When the newest step cannot be read (a file cut short by a crash or a full disk), older steps
+    are tried, newest first; the unreadable newer ones are moved aside to
+    `<workdir>/checkpoints.damaged/<step>` (kept for inspection, out of orbax's sight, so that the
+    resumed run saves those steps afresh) and a warning names them. When no step can be read,
+    nothing is moved and `RestoreError` says what to do: a state whose shapes changed (another
+    model or config) fails on every step, and must not be mistaken for damage.
     """
-    step = manager.latest_step()
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         return initial_state, False
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, initial_state)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    return restored, True
+    failures: list[tuple[int, Exception]] = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as err:  # orbax and tensorstore raise many types on unreadable bytes
+            failures.append((step, err))
+            continue
+        if failures:
+            _move_aside(manager, [s for s, _ in failures], step, failures[0][1])
+        return restored, True
+    directory = Path(manager.directory)
+    latest, err = failures[0]
+    raise RestoreError(
+        f"{directory}: none of the saved steps {steps} could be restored (step {latest}: "
+        f"{type(err).__name__}: {_first_line(err)}). If the model, data or config changed since "
+        f"they were saved, use a fresh workdir; if the files are damaged, delete {directory} to "
+        "start this stage over"
+    ) from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def _move_aside(manager: ocp.CheckpointManager, bad: list[int], good: int, err: Exception) -> None:
+    directory = Path(manager.directory)
+    aside = directory.parent / f"{directory.name}.damaged"
+    aside.mkdir(exist_ok=True)
+    for step in bad:
+        source, destination = directory / str(step), aside / str(step)
+        if not source.exists():
+            continue
+        if destination.exists():  # damaged twice at the same step: keep the newer copy
+            shutil.rmtree(destination)
+        shutil.move(str(source), str(destination))
+    manager.reload()
+    log.warning(
+        "%s: checkpoint step(s) %s could not be read (%s: %s); resuming from step %d instead. "
+        "The unreadable step(s) were moved to %s",
+        directory,
+        bad,
+        type(err).__name__,
+        _first_line(err),
+        good,
+        aside,
+    )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
