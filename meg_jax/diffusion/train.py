@@ -14,11 +14,19 @@ targets is taken in RAW weight space, and training stops once mean + std (unbias
 torch.std) falls below `train.stop_threshold`. A callback sees each evaluation (e.g. to measure
 the LLM's edit success with the sampled weights) and may return extra metrics to log; a returned
 `"halt": True` ends training there (e.g. a wall-clock budget), with a checkpoint.
+
+Divergence is never silent: at every log step, before every checkpoint and at every criterion
+evaluation the loss, the whole train state and the criterion must be finite. When one is not,
+training stops, the non-finite state is NOT saved (so the newest checkpoint stays the last finite
+one), a `non_finite` event is logged and `NonFiniteTrainingError` names the step, what was not
+finite and the last finite checkpoint. A NaN criterion can therefore never pass (or fail) the
+stopping comparison unnoticed.
 """
 
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +67,26 @@ class TrainResult(NamedTuple):
     stopped: bool  # True when the criterion fell below the threshold
     criterion: float | None  # the last evaluated mean + std (None if never evaluated)
     evaluations: list[dict]  # every criterion record of this call
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Generator training produced NaN/inf; the message names the step and the last finite
+    checkpoint, which is left as the newest on disk."""
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """[] bool: every floating leaf of `tree` is free of NaN and inf (one fused reduction)."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _state_finite(state: TrainState) -> bool:
+    return bool(_all_finite((state.params, state.ema_params, state.opt_state)))
 
 
 def l2_criterion(samples: np.ndarray, targets: np.ndarray) -> dict:
@@ -112,6 +140,12 @@ def train_generator(
     if resumed:
         _check_same_bank(state.norm, norm, workdir)
         log.info("resumed %s at step %d", workdir, start)
+        if not _state_finite(state):
+            raise NonFiniteTrainingError(
+                f"{workdir}: the checkpoint at step {start} holds NaN or inf parameters (saved by "
+                "a run that diverged); delete the workdir and train again with a lower "
+                "optim.learning_rate or optim.grad_clip set"
+            )
     metrics_log = JsonlLog(workdir / "metrics.jsonl")
     metrics_log.write(event="start", step=start, rows=len(bank.rows), resumed=resumed)
 
@@ -122,6 +156,24 @@ def train_generator(
     postfix: dict[str, str] = {}
     began = time.perf_counter()
     bar = tqdm(range(start, tcfg.num_steps), initial=start, total=tcfg.num_steps, desc="generator")
+
+    def stop_non_finite(done: int, what: str):
+        bar.close()
+        last = manager.latest_step()
+        metrics_log.write(event="non_finite", step=done, what=what, last_finite_step=last)
+        kept = (
+            f"the last finite checkpoint is step {last} in {manager.directory}"
+            if last is not None
+            else "no checkpoint was saved before it"
+        )
+        raise NonFiniteTrainingError(
+            f"{workdir}: generator training diverged at step {done} ({what}); training stopped "
+            f"and this state was not saved; {kept}. Lower optim.learning_rate, set "
+            "optim.grad_clip or add optim.warmup_steps, then train again in a fresh workdir (a "
+            "rerun with the same settings resumes from that checkpoint and diverges again)"
+        )
+
+    finite_at = -1  # the last step whose whole state was checked finite
     for step in bar:
         rows, mask = batch_rows(
             len(bank.rows), tcfg.batch_size, padded, step, tcfg.shuffle, tcfg.seed
@@ -133,6 +185,11 @@ def train_generator(
             metrics_log.write(
                 event="train", step=done, wall_s=time.perf_counter() - began, **record
             )
+            if not math.isfinite(record["loss"]):
+                stop_non_finite(done, f"loss {record['loss']}")
+            if not _state_finite(state):
+                stop_non_finite(done, "parameters or optimiser state hold NaN or inf")
+            finite_at = done
             postfix["loss"] = f"{record['loss']:.4f}"
             bar.set_postfix(postfix)
         if done % tcfg.eval_every == 0 or done == tcfg.num_steps:
@@ -142,11 +199,16 @@ def train_generator(
             metrics_log.write(event="criterion", step=done, **record)
             evaluations.append(record)
             criterion = record["criterion"]
+            if not math.isfinite(criterion):
+                # NaN < threshold is False: without this the run would go on training on NaN.
+                stop_non_finite(done, f"stopping criterion {criterion} (non-finite samples)")
             postfix["criterion"] = f"{criterion:.4f}"
             bar.set_postfix(postfix)
             log.info("step %d: criterion %.4f (%s)", done, criterion, record["sampler"])
             stopped = criterion < tcfg.stop_threshold
         if done % tcfg.checkpoint_every == 0 or stopped or halted or done == tcfg.num_steps:
+            if finite_at != done and not _state_finite(state):
+                stop_non_finite(done, "parameters or optimiser state hold NaN or inf")
             save(manager, done, state)
         if stopped or halted:
             break
