@@ -48,7 +48,9 @@ def test_named_dataset_is_downloaded_once(tmp_path, monkeypatch):
     monkeypatch.setattr(download, "fetch_url", fake_fetch)
     first = load_edits("multi_counterfact", cache_dir=tmp_path)
     assert calls == ["https://rome.baulab.info/data/dsets/multi_counterfact.json"]
-    assert [p.name for p in tmp_path.iterdir()] == ["multi_counterfact.json"]  # no temp left
+    # No temp file left; the checksum recorded at first download sits beside the file.
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["multi_counterfact.json", "multi_counterfact.json.sha256"]
     assert first[0].prompt == "Toko Yasuda plays" and first[0].target_new == "piano"
 
     def must_not_fetch(url):

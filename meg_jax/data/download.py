@@ -13,17 +13,26 @@ A named file is downloaded once into `cache_dir` (default `$MEG_JAX_CACHE/datase
 `~/.cache/meg_jax/datasets`) and read from there afterwards. The download is checked to be JSON
 before it is written (atomically), so a proxy's HTML error page never poisons the cache. Without
 network the error says which file to fetch from where and where to put it.
+
+Checksums. A download is checked against the SHA-256 pinned in `KNOWN_SHA256`; a mismatch
+writes nothing and names the URL and both hashes. For a file whose hash is not pinned (none is
+yet: the canonical files could not be fetched when this was written, and the copies in
+../shared/data are other files) the hash is recorded on first download, trust on first use, in
+`<file>.sha256` beside it. Every later use checks the cached file against the pinned or recorded
+hash, so a cached copy that was cut short or altered is deleted and reported, never read.
 """
 
+import hashlib
 import http.client
 import json
+import logging
 import os
 import urllib.request
 from pathlib import Path
 
 from meg_jax.data.readers import read_edits
 from meg_jax.data.readers_zsre import ZsreTarget
-from meg_jax.data.records import EditRecord
+from meg_jax.data.records import DEFAULT_MAX_CHARS, EditRecord
 from meg_jax.infra.files import write_bytes_atomic
 
 DATA_HOST = "https://rome.baulab.info/data/dsets/"
@@ -33,11 +42,58 @@ KNOWN_DATASETS = {
     "counterfact": "counterfact.json",
     "multi_counterfact": "multi_counterfact.json",
 }
+# SHA-256 of the canonical files; None: not known yet, recorded on first download instead.
+KNOWN_SHA256: dict[str, str | None] = {name: None for name in KNOWN_DATASETS}
 _TIMEOUT_S = 60
+
+log = logging.getLogger(__name__)
 
 
 class DatasetUnavailableError(RuntimeError):
     """A named dataset is not cached and could not be downloaded; the message says what to do."""
+
+
+class ChecksumError(DatasetUnavailableError):
+    """A downloaded or cached dataset file does not have its pinned or recorded SHA-256."""
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _expected_sha256(name: str, path: Path) -> tuple[str | None, str]:
+    """(hash the file must have, where that hash comes from), or (None, "") if none is known."""
+    pinned = KNOWN_SHA256.get(name)
+    if pinned:
+        return pinned.lower(), "pinned in meg_jax.data.download.KNOWN_SHA256"
+    record = _record_path(path)
+    if record.is_file():
+        return record.read_text().split()[0].lower(), (
+            f"recorded at first download in {record}; if the file changed on purpose, delete "
+            "that record to accept the new one"
+        )
+    return None, ""
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _check_cached(name: str, path: Path, url: str) -> None:
+    expected, origin = _expected_sha256(name, path)
+    actual = sha256_of(path.read_bytes())
+    if expected is None:
+        # A file placed by hand, or cached before checksums were kept: trust it from now on.
+        write_bytes_atomic(_record_path(path), f"{actual}  {path.name}\n".encode())
+        log.info("%s: recorded its SHA-256 %s (trusted on first use)", path, actual)
+        return
+    if actual != expected:
+        path.unlink()
+        raise ChecksumError(
+            f"{path}: the cached copy of {url} has SHA-256 {actual}, but {expected} is expected "
+            f"({origin}); it was cut short or altered, and has been deleted. Run again to "
+            "download it afresh"
+        )
 
 
 def default_cache_dir() -> Path:
@@ -58,9 +114,10 @@ def dataset_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         raise ValueError(f"unknown dataset name {name!r}; known: {sorted(KNOWN_DATASETS)}")
     filename = KNOWN_DATASETS[name]
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / filename
-    if path.is_file():
-        return path
     url = DATA_HOST + filename
+    if path.is_file():
+        _check_cached(name, path, url)
+        return path
     try:
         data = fetch_url(url)
     except (OSError, http.client.HTTPException) as err:  # URLError and timeouts are OSErrors
@@ -75,7 +132,19 @@ def dataset_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
             f"downloading {url} returned {len(data)} bytes that are not JSON ({err}); nothing "
             f"was written. Download it by hand to {path}."
         ) from None
+    actual = sha256_of(data)
+    expected, origin = _expected_sha256(name, path)
+    if expected is not None and actual != expected:
+        path.unlink(missing_ok=True)
+        raise ChecksumError(
+            f"downloading {url} gave {len(data)} bytes with SHA-256 {actual}, but {expected} is "
+            f"expected ({origin}); nothing was written to {path}. The download was damaged or "
+            "the file changed on the server: try again, or download it by hand and compare"
+        )
     write_bytes_atomic(path, data)
+    if expected is None:
+        write_bytes_atomic(_record_path(path), f"{actual}  {filename}\n".encode())
+        log.info("%s: downloaded from %s, SHA-256 %s recorded", path, url, actual)
     return path
 
 
@@ -85,12 +154,16 @@ def load_edits(
     format: str | None = None,
     zsre_target: ZsreTarget = "answers",
     limit: int | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> list[EditRecord]:
     """Edit records from a local file, or from a known dataset name (see the module table).
 
     An existing path always wins over a name, so a local file called `counterfact` is read as is.
-    `format`, `zsre_target` and `limit` are passed to `meg_jax.data.readers.read_edits`.
+    `format`, `zsre_target`, `limit` (None for all, else >= 1) and `max_chars` are passed to
+    `meg_jax.data.readers.read_edits`; a bad `limit` fails before any download.
     """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit: expected a positive integer or None, got {limit!r}")
     path = Path(name_or_path)
     if not path.is_file():
         if str(name_or_path) not in KNOWN_DATASETS:
@@ -99,4 +172,6 @@ def load_edits(
                 f"({sorted(KNOWN_DATASETS)})"
             )
         path = dataset_path(str(name_or_path), cache_dir)
-    return read_edits(path, format=format, zsre_target=zsre_target, limit=limit)
+    return read_edits(
+        path, format=format, zsre_target=zsre_target, limit=limit, max_chars=max_chars
+    )

@@ -22,7 +22,13 @@ from meg_jax.data.jsonio import read_records
 from meg_jax.data.readers_counterfact import easyedit_counterfact_record, rome_counterfact_record
 from meg_jax.data.readers_user import user_record
 from meg_jax.data.readers_zsre import ZsreTarget, zsre_record
-from meg_jax.data.records import DataFormatError, EditRecord, Source
+from meg_jax.data.records import (
+    DEFAULT_MAX_CHARS,
+    DataFormatError,
+    EditRecord,
+    Source,
+    check_text_lengths,
+)
 
 FORMATS = ("zsre", "counterfact", "easyedit_cf", "user")
 
@@ -64,12 +70,15 @@ def records_from_objects(
     file: str,
     format: str | None = None,
     zsre_target: ZsreTarget = "answers",
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> list[EditRecord]:
     """Converts parsed JSON records (from `file`, named in errors) to `EditRecord`s.
 
     `format` overrides detection. Ids must be unique: stages downstream key weights and cached
-    answers by id, so a duplicate is an error naming both records.
+    answers by id, so a duplicate is an error naming both records. Every text (prompt, target,
+    paraphrase, ...) must have at most `max_chars` characters.
     """
+    _check_positive("max_chars", max_chars)
     if not objects:
         raise DataFormatError(f"{file}: no records")
     fmt = format if format is not None else detect_format(objects[0], file)
@@ -77,6 +86,8 @@ def records_from_objects(
         raise ValueError(f"unknown edit-file format {fmt!r}; expected one of {FORMATS}")
     convert = _converter(fmt, zsre_target)
     records = [convert(obj, Source(file, i)) for i, obj in enumerate(objects)]
+    for record in records:
+        check_text_lengths(record, max_chars)
     first_index_of_id: dict[int, int] = {}
     for record in records:
         earlier = first_index_of_id.setdefault(record.id, record.source.index)
@@ -92,6 +103,7 @@ def read_edits(
     format: str | None = None,
     zsre_target: ZsreTarget = "answers",
     limit: int | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
 ) -> list[EditRecord]:
     """Reads an edit file (JSON array or JSON Lines) of any format in `FORMATS`.
 
@@ -99,7 +111,19 @@ def read_edits(
       path: the file.
       format: one of `FORMATS`; None detects it from the first record.
       zsre_target: for zsRE, `"answers"` (MeG/MEMIT: `answers[0]`) or `"alt"` (EasyEdit).
-      limit: keep only the first `limit` records (all are still parsed, to catch file errors).
+      limit: keep only the first `limit` (>= 1) records; None keeps all. All are still parsed,
+        to catch file errors.
+      max_chars: the longest text (prompt, target, paraphrase, ...) accepted, in characters.
     """
-    records = records_from_objects(read_records(path), str(path), format, zsre_target)
+    if limit is not None:
+        _check_positive("limit", limit)
+    records = records_from_objects(
+        read_records(path), str(path), format, zsre_target, max_chars=max_chars
+    )
     return records if limit is None else records[:limit]
+
+
+def _check_positive(name: str, value) -> None:
+    # A negative limit would slice from the end (limit=-1 silently dropped the last record).
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")

@@ -17,6 +17,29 @@ class DataFormatError(ValueError):
     """An edit file is malformed; the message names the file, record index and field."""
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+# The default bound on any one text of a record (prompt, target, paraphrase...), in characters.
+# Generous for facts and questions (CounterFact's longest prompt is ~150 characters), yet far
+# below what would make a padded batch of token ids exhaust memory late in a run.
+DEFAULT_MAX_CHARS = 2000
+_TEXT_FIELDS = ("prompt", "subject", "target_new", "target_true")
+_TEXT_LISTS = ("paraphrases", "locality_prompts", "locality_answers", "generation_prompts")
+
+
+def check_text_lengths(record: "EditRecord", max_chars: int) -> None:
+    """Every text of `record` has at most `max_chars` characters, else an error naming it."""
+    texts = [(name, getattr(record, name)) for name in _TEXT_FIELDS]
+    for name in _TEXT_LISTS:
+        texts += [(f"{name}[{i}]", text) for i, text in enumerate(getattr(record, name))]
+    for name, text in texts:
+        if text is not None and len(text) > max_chars:
+            raise DataFormatError(
+                f"{record.source.describe(name)}: {len(text)} characters, more than the bound "
+                f"max_chars={max_chars}; shorten the text, or raise the bound if it is meant"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
     """Where a record was read: `file` (a path, as given) and its 0-based `index` in that file."""
@@ -128,11 +151,19 @@ def require_str(record: Mapping[str, Any], field: str, source: Source, parent: s
 
 
 def require_int(record: Mapping[str, Any], field: str, source: Source, parent: str = "") -> int:
-    """An integer field (a JSON bool is not accepted as an integer)."""
+    """An integer field within int64 (a JSON bool is not accepted as an integer).
+
+    Every integer of the edit schemas is an id, and ids are stored as int64 (banks, caches,
+    jitted arrays): a larger one would overflow far downstream, after minutes of work.
+    """
     value = require_field(record, field, source, parent)
+    where = source.describe(_name(field, parent))
     if not isinstance(value, int) or isinstance(value, bool):
+        raise DataFormatError(f"{where}: expected an integer, got {_type_name(value)}")
+    if not INT64_MIN <= value <= INT64_MAX:
         raise DataFormatError(
-            f"{source.describe(_name(field, parent))}: expected an integer, got {_type_name(value)}"
+            f"{where}: {value} is outside the int64 range [{INT64_MIN}, {INT64_MAX}] that ids "
+            "are stored in; renumber the record"
         )
     return value
 
