@@ -17,11 +17,29 @@ Two recipes are provided (see `GENERATOR_PRESETS`):
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from meg_jax.infra.config import dataclass_from_dict
+
+
+def _at_least(section: str, obj: Any, bound: int, *names: str) -> None:
+    """Each named field of `obj` is an integer >= `bound`, else an error naming it."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < bound:
+            raise ValueError(f"{section}.{name}: expected an integer >= {bound}, got {value!r}")
+
+
+def _number(section: str, obj: Any, name: str, low: float, *, open_low: bool = False) -> None:
+    """`obj.name` is a finite number >= `low` (> `low` with `open_low`), else a named error."""
+    value = getattr(obj, name)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low or (open_low and value == low):
+        bound = f"> {low}" if open_low else f">= {low}"
+        raise ValueError(f"{section}.{name}: expected a finite number {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,9 @@ class DiTConfig:
             )
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"dit.cond_dropout: expected [0, 1), got {self.cond_dropout}")
+        _at_least("dit", self, 1, "patch_size", "hidden", "depth", "heads", "frequency_dim")
+        _number("dit", self, "mlp_ratio", 0.0, open_low=True)
+        _number("dit", self, "cond_scale", 0.0, open_low=True)
 
 
 DIT_PRESETS: dict[str, DiTConfig] = {
@@ -89,8 +110,14 @@ class DiffusionConfig:
                 "diffusion.fixed_variance: expected 'small' or 'large', got "
                 f"{self.fixed_variance!r}"
             )
-        if self.num_timesteps < 2:
-            raise ValueError(f"diffusion.num_timesteps: expected >= 2, got {self.num_timesteps}")
+        _at_least("diffusion", self, 2, "num_timesteps")
+        _number("diffusion", self, "beta_start", 0.0, open_low=True)
+        _number("diffusion", self, "beta_end", 0.0, open_low=True)
+        if not self.beta_start <= self.beta_end < 1.0:
+            raise ValueError(
+                f"diffusion: expected 0 < beta_start <= beta_end < 1, got beta_start="
+                f"{self.beta_start}, beta_end={self.beta_end}"
+            )
 
     @property
     def out_channels(self) -> int:
@@ -115,6 +142,7 @@ class SamplerConfig:
             raise ValueError(f"sampler.steps: expected >= 2, got {self.steps}")
         if self.chunk_size < 1:
             raise ValueError(f"sampler.chunk_size: expected >= 1, got {self.chunk_size}")
+        _number("sampler", self, "eta", 0.0)
 
     def describe(self) -> str:
         """A short label for logs, e.g. 'ancestral-1000-shared'."""
@@ -170,6 +198,12 @@ class OptimConfig:
             raise ValueError(
                 f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}"
             )
+        _number("optim", self, "learning_rate", 0.0, open_low=True)
+        for name in ("weight_decay", "grad_clip", "end_lr_ratio"):
+            _number("optim", self, name, 0.0)
+        if self.end_lr_ratio > 1.0:
+            raise ValueError(f"optim.end_lr_ratio: expected [0, 1], got {self.end_lr_ratio}")
+        _at_least("optim", self, 0, "warmup_steps", "decay_steps")
 
 
 @dataclass(frozen=True)
@@ -198,6 +232,9 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
         if self.batch_size < 0:
             raise ValueError(f"train.batch_size: expected >= 0, got {self.batch_size}")
+        _at_least("train", self, 0, "seed")
+        # A NaN threshold would make `criterion < threshold` silently never true.
+        _number("train", self, "stop_threshold", 0.0)
 
 
 @dataclass(frozen=True)
@@ -210,6 +247,18 @@ class GeneratorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self):
+        steps = self.diffusion.num_timesteps
+        for name, sampler in (
+            ("sampler", self.sampler),
+            ("train.criterion_sampler", self.train.criterion_sampler),
+        ):
+            if sampler.steps > steps:
+                raise ValueError(
+                    f"{name}.steps: expected at most diffusion.num_timesteps={steps}, got "
+                    f"{sampler.steps}"
+                )
 
 
 GENERATOR_PRESETS: dict[str, GeneratorConfig] = {

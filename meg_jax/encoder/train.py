@@ -24,6 +24,7 @@ state, so resuming an interrupted run gives exactly what an uninterrupted one gi
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -67,10 +68,21 @@ class InfoNCEConfig:
     max_to_keep: int = 2
 
     def __post_init__(self):
-        if self.temperature <= 0 or self.batch_size < 2 or self.num_steps < 0:
-            raise ValueError(f"invalid InfoNCE config {self}: need tau > 0, batch >= 2, steps >= 0")
-        if self.eval_every < 1:
-            raise ValueError(f"eval_every={self.eval_every} must be >= 1")
+        least = {"batch_size": 2, "num_steps": 0, "eval_every": 1, "max_to_keep": 1}
+        for name, bound in least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < bound:
+                raise ValueError(f"encoder.{name}: expected an integer >= {bound}, got {value!r}")
+        for name in ("temperature", "learning_rate"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"encoder.{name}: expected a number > 0, got {value!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"encoder.weight_decay: expected >= 0, got {self.weight_decay!r}")
+        if self.template.count("{query}") != 1:
+            raise ValueError(
+                f"encoder.template: expected exactly one '{{query}}', got {self.template!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,8 @@ from meg_jax.inference.runner import ModelRunner, take_rows
 from meg_jax.models.neuron import Neuron
 
 KINDS = ("rel", "gen", "loc")
+TF_MODES = ("reference", "fast")
+MATCH_RULES = ("exact", "startswith")
 SIX = ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf")
 
 
@@ -64,6 +66,21 @@ class EvalConfig:
     # Reference TF: a step whose re-tokenised input is the prompt plus the tokens the greedy
     # generation already produced is read from the generation (the same argmax), not re-run.
     reuse_generation: bool = True
+
+    def __post_init__(self):
+        # Checked when the config is built, not when evaluation reaches them after all training.
+        choices = {"tf_mode": TF_MODES, "match_rule": MATCH_RULES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"evaluation.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
+                )
+        for name, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(
+                    f"evaluation.{name}: expected an integer >= {least}, got {value!r}"
+                )
 
 
 @dataclasses.dataclass

@@ -34,9 +34,11 @@ class CalibrationConfig:
 
     def __post_init__(self):
         if self.rule not in ("youden", "fpr"):
-            raise ValueError(f"calibration rule {self.rule!r}; expected 'youden' or 'fpr'")
+            raise ValueError(
+                f"calibration.rule: expected one of ('youden', 'fpr'), got {self.rule!r}"
+            )
         if not 0.0 <= self.target_fpr <= 1.0:
-            raise ValueError(f"target_fpr={self.target_fpr} must be in [0, 1]")
+            raise ValueError(f"calibration.target_fpr: expected [0, 1], got {self.target_fpr!r}")
 
 
 def _check(name: str, values: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ Dropout keys are `fold_in(seed, step)`, so a resumed run continues exactly where
 
 import dataclasses
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -57,6 +58,31 @@ class RouterTrainConfig:
     save_every: int = 200
     log_every: int = 10
     max_to_keep: int = 2
+
+    def __post_init__(self):
+        least = {
+            "n_classes": 2,
+            "n_blocks": 1,
+            "expansion": 1,
+            "batch_size": 1,
+            "num_epochs": 1,
+            "save_every": 1,
+            "log_every": 1,
+            "max_to_keep": 1,
+        }
+        for name, bound in least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < bound:
+                raise ValueError(f"router.{name}: expected an integer >= {bound}, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"router.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"router.learning_rate: expected > 0, got {self.learning_rate!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"router.weight_decay: expected >= 0, got {self.weight_decay!r}")
+        # The gate routes a query when its entropy (in nats) is below this: 0 routes nothing.
+        if not (math.isfinite(self.threshold) and self.threshold > 0):
+            raise ValueError(f"router.threshold: expected a number > 0, got {self.threshold!r}")
 
     def network(self, width: int) -> FamiliarityConfig:
         return FamiliarityConfig(width, self.n_blocks, self.expansion, self.n_classes, self.dropout)
