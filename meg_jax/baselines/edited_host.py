@@ -1,0 +1,216 @@
+"""What weight-editing baselines need from a host: its MLP output projections, their input keys,
+the residual stream, and target log-probabilities from a residual stream onwards.
+
+Axes: B rows, T tokens, D model width, F MLP width, M scored positions per row, V vocabulary.
+
+A host's MLP is `out(act(...))`: Llama's `down(silu(gate x) * up x)`, GPT-J/Phi-2's
+`fc_out(gelu(fc_in x))`. The *key* of a token at layer l is the input of that layer's output
+projection (kernel [F, D], stacked as `layers/mlp/<down|fc_out>/kernel [L, F, D]`); MEMIT-style
+editors write `kernel[l] += delta[F, D]` so that chosen keys map to new values.
+
+Requests arrive tokenised (`EditRows`), so the same code runs on a real tokenizer's output and
+on the tiny random models of the parity tests, which have none.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meg_jax.models.block import Attention
+from meg_jax.models.config import LMConfig
+from meg_jax.models.decoder import Decoder
+from meg_jax.models.generate import pad_right
+from meg_jax.models.layers import make_norm, mlp_activation
+
+PAD_MULTIPLE = 8  # right-padded widths are rounded up to this: fewer compiled shapes
+
+
+def out_proj(config: LMConfig) -> str:
+    """Name of the MLP output projection: `down` (Llama) or `fc_out` (GPT-J, Phi-2)."""
+    return "down" if config.gated_mlp else "fc_out"
+
+
+def out_kernel(params, config: LMConfig, layer: int) -> jnp.ndarray:
+    """Layer `layer`'s MLP output kernel [F, D] (keys in, values out)."""
+    return params["layers"]["mlp"][out_proj(config)]["kernel"][layer]
+
+
+def with_out_kernels(params, config: LMConfig, kernels: dict[int, jnp.ndarray]):
+    """A copy of `params` whose output kernels at the given layers are replaced (nothing else is
+    copied: the other leaves are shared with `params`)."""
+    name = out_proj(config)
+    stacked = params["layers"]["mlp"][name]["kernel"]
+    for layer, kernel in kernels.items():
+        if kernel.shape != stacked.shape[1:]:
+            raise ValueError(f"layer {layer}: kernel {kernel.shape}, expected {stacked.shape[1:]}")
+        stacked = stacked.at[layer].set(jnp.asarray(kernel, stacked.dtype))
+    mlp = {**params["layers"]["mlp"], name: {**params["layers"]["mlp"][name], "kernel": stacked}}
+    return {**params, "layers": {**params["layers"], "mlp": mlp}}
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRows:
+    """Tokenised rows of some edits: `ids[r]`, the edit it belongs to `owner[r]`, the position of
+    its subject's last token `pos[r]`, and optionally target ids scored after the row's prompt
+    (`target_start[r]` = index of the first target token in `ids[r]`; 0 when unscored)."""
+
+    ids: tuple[tuple[int, ...], ...]
+    owner: tuple[int, ...]
+    pos: tuple[int, ...]
+    target_start: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def select(self, rows: Sequence[int]) -> "EditRows":
+        return EditRows(*(tuple(getattr(self, f.name)[r] for r in rows) for f in _ROW_FIELDS))
+
+    def padded(self, pad_id: int):
+        """(ids [B, T], mask [B, T]) right-padded numpy arrays."""
+        return pad_right(self.ids, pad_id, PAD_MULTIPLE)
+
+    def scored(self, width: int):
+        """(positions [B, M], labels [B, M], weights [B, M]) of each row's target tokens: the
+        logits at position p predict ids[p + 1]; weights are 1/m on the m real entries."""
+        m = max([len(i) - s for i, s in zip(self.ids, self.target_start, strict=True)] + [1])
+        m = min(m, width)
+        positions = np.zeros((len(self), m), np.int32)
+        labels = np.zeros((len(self), m), np.int32)
+        weights = np.zeros((len(self), m), np.float32)
+        for r, (ids, start) in enumerate(zip(self.ids, self.target_start, strict=True)):
+            if start <= 0:
+                continue
+            n = len(ids) - start
+            positions[r, :n] = np.arange(start - 1, start - 1 + n)
+            labels[r, :n] = ids[start:]
+            weights[r, :n] = 1.0 / n
+        return positions, labels, weights
+
+
+_ROW_FIELDS = dataclasses.fields(EditRows)
+
+
+def concat_rows(parts: Sequence[EditRows]) -> EditRows:
+    return EditRows(*(sum((getattr(p, f.name) for p in parts), ()) for f in _ROW_FIELDS))
+
+
+# ---- device computations ------------------------------------------------------------------------
+
+
+def _layer_params(params, layer: int):
+    return jax.tree.map(lambda p: p[layer], params["layers"])
+
+
+def mlp_key(config: LMConfig, layer_params, h, mask) -> jnp.ndarray:
+    """The key [B, T, F] (input of the output projection) of one layer, from the residual stream
+    h[B, T, D] entering it."""
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    x = make_norm(config, "input_norm").apply({"params": layer_params["input_norm"]}, h)
+    if not config.parallel_residual:  # Llama: the MLP reads the stream after attention
+        attn, _ = Attention(config).apply(
+            {"params": layer_params["attn"]}, x, positions, mask.astype(bool), None, 0
+        )
+        x = make_norm(config, "post_attn_norm").apply(
+            {"params": layer_params["post_attn_norm"]}, h + attn
+        )
+    mlp = layer_params["mlp"]
+    act = mlp_activation(config)
+    if config.gated_mlp:
+        return act(x @ mlp["gate"]["kernel"]) * (x @ mlp["up"]["kernel"])
+    return act(x @ mlp["fc_in"]["kernel"] + mlp["fc_in"]["bias"])
+
+
+def _stream(module: Decoder, h, mask, start: int, stop: int):
+    """Layers [start, stop) of the decoder on h[B, T, D] (right-padded, no neuron)."""
+    mask = mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    h, _ = module._layers(h, start, stop, positions, mask, None)
+    return h
+
+
+@functools.partial(jax.jit, static_argnames=("config", "layers"))
+def keys_at_layers(config: LMConfig, params, ids, mask, layers: tuple[int, ...]):
+    """Keys [len(layers), B, T, F] of every token at each of `layers` (one pass up to the last)."""
+    model = Decoder(config)
+    h = model.apply({"params": params}, ids, method=lambda m, t: m.embed(t))
+    out, done = [], 0
+    for layer in layers:
+        h = model.apply({"params": params}, h, mask, done, layer, method=_stream)
+        done = layer
+        out.append(mlp_key(config, _layer_params(params, layer), h, mask))
+    return jnp.stack(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "stop"))
+def stream_before(config: LMConfig, params, ids, mask, stop: int):
+    """The residual stream [B, T, D] entering layer `stop` (= leaving layer stop - 1)."""
+    return Decoder(config).apply(
+        {"params": params}, ids, mask.astype(bool), None, stop, method=Decoder.hidden_before
+    )
+
+
+def _scored_logits(module: Decoder, h, mask, start: int, positions):
+    """Logits [B, M, V] at `positions` [B, M] after running layers [start, L) and the head on
+    h[B, T, D]; the head runs on the M gathered positions only (a [B, T, V] tensor of SmolLM2's
+    49k vocabulary would dominate memory)."""
+    h = _stream(module, h, mask, start, module.config.n_layers)
+    h = jnp.take_along_axis(h, positions[..., None], axis=1)  # [B, M, D]
+    return module._head(h)
+
+
+def scored_logprobs(config: LMConfig, params, h, mask, start: int, positions, labels):
+    """(log p(labels) [B, M], full log-probs [B, M, V]) from the stream entering layer `start`."""
+    logits = Decoder(config).apply(
+        {"params": params}, h, mask, start, positions, method=_scored_logits
+    )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], logp
+
+
+def gather_rows(x: jnp.ndarray, pos: jnp.ndarray) -> jnp.ndarray:
+    """x[b, pos[b]] for x[B, T, ...]."""
+    return jnp.take_along_axis(x, pos.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
+
+
+# ---- host-side helpers ---------------------------------------------------------------------------
+
+
+def row_batches(n: int, batch: int):
+    for start in range(0, n, batch):
+        yield list(range(start, min(n, start + batch)))
+
+
+def mean_keys(
+    config: LMConfig, params, rows: EditRows, layer: int, n_edits: int, batch: int = 64
+) -> np.ndarray:
+    """Per edit the key [E, F] at its subject's last token at `layer`, averaged over its rows
+    (MEMIT averages the key over the context prefixes), float64."""
+    total = np.zeros((n_edits, config.d_ff))
+    count = np.zeros(n_edits)
+    for idx in row_batches(len(rows), batch):
+        part = rows.select(idx)
+        ids, mask = part.padded(config.pad_token_id)
+        keys = keys_at_layers(config, params, ids, mask, (layer,))[0]
+        at = np.asarray(gather_rows(keys, jnp.asarray(part.pos)), np.float64)
+        np.add.at(total, np.asarray(part.owner), at)
+        np.add.at(count, np.asarray(part.owner), 1)
+    if np.any(count == 0):
+        raise ValueError(f"edits {np.flatnonzero(count == 0)[:10].tolist()} have no rows")
+    return total / count[:, None]
+
+
+def residual_at(
+    config: LMConfig, params, rows: EditRows, layer: int, batch: int = 64
+) -> np.ndarray:
+    """The residual stream [B, D] leaving `layer` at each row's subject position, float64."""
+    out = []
+    for idx in row_batches(len(rows), batch):
+        part = rows.select(idx)
+        ids, mask = part.padded(config.pad_token_id)
+        h = stream_before(config, params, ids, mask, layer + 1)
+        out.append(np.asarray(gather_rows(h, jnp.asarray(part.pos)), np.float64))
+    return np.concatenate(out)

@@ -1,0 +1,123 @@
+"""One entry point for every weight-editing baseline: records in, edited parameters out.
+
+Editing wall time excludes the key statistics, which are computed once per host and layer set
+and cached (`stats.key_moments`); `info` reports both.
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from meg_jax.baselines.alphaedit import AlphaEditConfig, alphaedit, null_space_projector
+from meg_jax.baselines.edited_host import row_batches
+from meg_jax.baselines.ft import FTConfig, fine_tune
+from meg_jax.baselines.memit import MemitConfig, memit, optimize_targets
+from meg_jax.baselines.requests import edit_rows, kl_rows, text_edits
+from meg_jax.baselines.stats import StatsConfig, key_moments
+from meg_jax.data.templates import PromptTemplate
+from meg_jax.inference.runner import ModelRunner
+from meg_jax.infra.config import dataclass_from_dict
+from meg_jax.models.neuron import Neuron
+
+METHODS = ("ft", "memit", "alphaedit")
+CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's context openings
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """The `baseline` section of a config file."""
+
+    method: str = "memit"  # ft | memit | alphaedit
+    prompt: str = "template"  # "template": fit the query as evaluated; "raw": ROME's prompt
+    host_id: str = "host"  # names the weights in the statistics cache key
+    ft: FTConfig = FTConfig()
+    memit: MemitConfig = MemitConfig()
+    alphaedit: AlphaEditConfig = AlphaEditConfig()
+    stats: StatsConfig = StatsConfig()
+
+
+def baseline_config(mapping) -> BaselineConfig:
+    """`BaselineConfig` from a config's `baseline` ConfigDict (unknown keys are errors)."""
+    cfg = dataclass_from_dict(BaselineConfig, mapping, "baseline")
+    if cfg.method not in METHODS:
+        raise ValueError(f"baseline.method: {cfg.method!r} not in {METHODS}")
+    return cfg
+
+
+def context_prefixes(host, n: int, tokens: int) -> list[str]:
+    """MEMIT's context prefixes: the unedited model's continuation of short openings (greedy
+    here, so reruns agree; MEMIT samples), braces removed, one line each."""
+    if n <= 0:
+        return []
+    seeds = [CONTEXT_SEEDS[i % len(CONTEXT_SEEDS)] for i in range(min(n, len(CONTEXT_SEEDS)))]
+    runner = ModelRunner(
+        host.config, host.params, host.tokenizer, batch_size=8, show_progress=False
+    )
+    zero = np.zeros((len(seeds), host.config.d_model), np.float32)
+    neurons = Neuron(zero, np.zeros(len(seeds), np.float32), zero)
+    texts = runner.generate(seeds, neurons, tokens)
+    out = []
+    for seed, text in zip(seeds, texts, strict=True):
+        text = (seed + text).replace("{", " ").replace("}", " ").replace("\n", " ").strip()
+        out.append(" ".join(text.split()))
+    return out
+
+
+def run_baseline(
+    method: str, host, records, template: PromptTemplate, cfg: BaselineConfig, workdir
+):
+    """(edited parameters, info) of `method` applied to `records` on `host` (config, params,
+    tokenizer). `workdir` holds the key-statistics cache."""
+    if method not in METHODS:
+        raise ValueError(f"unknown baseline {method!r}; expected one of {METHODS}")
+    config, params, tokenizer = host
+    edits = text_edits(records, template, cfg.prompt)
+    info: dict = {"method": method, "n_edits": len(edits)}
+    if method == "ft":
+        rows, missing = edit_rows(tokenizer, edits, [""])
+        start = time.perf_counter()
+        params, extra = fine_tune(config, params, rows, cfg.ft)
+        info.update(extra, edit_seconds=time.perf_counter() - start, subject_missing=missing)
+        return params, info
+
+    layers = tuple(sorted(cfg.memit.layers))
+    start = time.perf_counter()
+    moments = key_moments(
+        config, params, tokenizer, layers, cfg.stats, Path(workdir) / "stats", cfg.host_id
+    )
+    info["stats_seconds"] = time.perf_counter() - start
+    start = time.perf_counter()
+    targets = cfg.memit.targets
+    contexts = [""] + context_prefixes(host, targets.n_contexts, targets.context_tokens)
+    info["contexts"] = contexts
+    if method == "memit":
+        batches = [list(range(len(edits)))]
+    else:
+        size = cfg.alphaedit.batch_size or len(edits)
+        batches = list(row_batches(len(edits), size))
+        projectors = {
+            l: null_space_projector(moments[l], cfg.alphaedit.nullspace_threshold) for l in layers
+        }
+        caches = {l: np.zeros_like(moments[l]) for l in layers}
+        info["null_space_dims"] = {l: int(round(np.trace(p))) for l, p in projectors.items()}
+    info["target_nll_mean"], info["subject_missing"], info["update_norms"] = [], 0, []
+    for batch in batches:
+        part = [edits[i] for i in batch]
+        rows, missing = edit_rows(tokenizer, part, contexts)
+        bare, _ = edit_rows(tokenizer, part, [""])
+        zs, fit = optimize_targets(
+            config, params, rows, kl_rows(tokenizer, part), len(part), layers[-1], targets
+        )
+        if method == "memit":
+            params, upd = memit(config, params, rows, bare, zs, moments, cfg.memit)
+        else:
+            params, caches, upd = alphaedit(
+                config, params, rows, bare, zs, projectors, caches, cfg.memit, cfg.alphaedit
+            )
+        info["target_nll_mean"].append(fit["target_nll_mean"])
+        info["update_norms"].append(upd["update_norms"])
+        info["subject_missing"] += missing
+    info["edit_seconds"] = time.perf_counter() - start
+    return params, info
