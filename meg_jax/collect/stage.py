@@ -1,13 +1,23 @@
 """Stage 3, knowledge-weight collection: one fitted neuron per edit, saved as a weight bank.
 
-Axes: N edits, B edits per batch, T tokens, P flat neuron length.
+Axes: N edits, B slots (edits optimised at once), T tokens, A answer positions, P flat neuron
+length.
 
 The procedure is the reference's (METHOD.md §3.2) with the fix of §3.3b: every fit starts from
 the same initial neuron (a true reset of both halves), the training sequence is
-`query + " {answer}." + eos` with the prompt tokens masked out of the loss, plain SGD, then a
-greedy success test (and optionally more steps for the fits that failed it). Edits are fitted B
-at a time (see `fit.py`) and the bank is saved after every chunk, so an interrupted run resumes
-from the last saved chunk without refitting anything.
+`query + " {answer}." + eos` with the prompt tokens masked out of the loss, then a greedy success
+test (and optionally more steps for the fits that failed it). The reference's SmolLM2 schedule
+(plain SGD, lr 0.5, 50 steps) is the default; `CollectConfig.fast()` is the fast recipe: Adam,
+and a per-edit early stop once every answer token is the argmax and the loss is below
+`stop_loss` (the reference's GPT-J rule).
+
+How it runs (`Collector.fit`): the frozen layers below the neuron layer run once per edit; the
+edits then stream through B slots of one compiled step (`fit.fit_steps`: layers from the neuron
+layer up, logits at the answer positions only). Each slot is at its own step; between calls of
+`check_every` steps, finished fits leave and waiting edits take their slots, and once none waits
+the running fits are compacted into B/2, B/4, ... slots. Rows never interact, so none of this
+changes a fitted neuron. The bank is saved after every chunk of edits, so an interrupted run
+resumes from the last saved chunk without refitting anything.
 """
 
 import dataclasses
@@ -15,12 +25,20 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from meg_jax.collect.bank import WeightBank, load_bank, save_bank
-from meg_jax.collect.fit import learning_rate_schedule, sgd_fit, torch_linear_init
+from meg_jax.collect.fit import (
+    FitState,
+    answer_positions,
+    fit_steps,
+    init_state,
+    learning_rate_schedule,
+    torch_linear_init,
+)
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate, left_pad
@@ -31,7 +49,12 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class CollectConfig:
-    """Weight-collection settings; the defaults are the SmolLM2 choice (METHOD.md §3.3b)."""
+    """Weight-collection settings.
+
+    The defaults are the reference's procedure with the SmolLM2 learning rate (METHOD.md §3.3b:
+    plain SGD, lr 0.5, 50 steps, no early stop). The fast recipe (bench/collection.py) is
+    `optimizer="adam"`, a smaller lr, `early_stop=True`; see `CollectConfig.fast()`.
+    """
 
     learning_rate: float = 0.5
     steps: int = 50
@@ -40,7 +63,20 @@ class CollectConfig:
     retry_steps: int = 0
     schedule: str = "constant"  # or "cosine" (the reference's GPT-J CosineAnnealingLR)
     cosine_period: int = 500
+    # "sgd" (the reference: no momentum, no decay) or "adam" (per-row bias correction).
+    optimizer: str = "sgd"
+    # Stop a fit as soon as every answer token is the argmax and its loss is below `stop_loss`
+    # (the reference's GPT-J rule); its slot then takes the next edit.
+    early_stop: bool = False
+    stop_loss: float = 0.2
+    # Optimisation steps per compiled call; stopped rows are replaced between calls.
+    check_every: int = 2
+    # Slots (edits optimised at once). Once no edit is waiting, the running ones are compacted
+    # into B/2, B/4, ... down to `min_batch` slots.
     batch_size: int = 16
+    min_batch: int = 4
+    # Logits at every position, then gathered (slow; only to measure the answer-only head).
+    full_head: bool = False
     max_new_tokens: int = 20
     seed: int = 42
     # Start every fit from this bank's `init` (e.g. to compare with the shared reference bank);
@@ -48,6 +84,44 @@ class CollectConfig:
     init_from_bank: str = ""
     # Edits per saved chunk: the resume granularity.
     chunk_size: int = 64
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"CollectConfig.{field}: {why}, got {getattr(self, field)!r}")
+
+        if self.schedule not in ("constant", "cosine"):
+            bad("schedule", "expected 'constant' or 'cosine'")
+        if self.optimizer not in ("sgd", "adam"):
+            bad("optimizer", "expected 'sgd' or 'adam'")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0")
+        for name in ("steps", "cosine_period", "check_every", "batch_size", "min_batch"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("chunk_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        if self.retry_steps < 0:
+            bad("retry_steps", "must be >= 0")
+        if self.early_stop and not self.stop_loss > 0:
+            bad("stop_loss", "must be > 0 when early_stop is on")
+
+    @classmethod
+    def fast(cls, **overrides) -> "CollectConfig":
+        """The fast recipe measured by bench/collection.py (Adam, early stop, answer-only head)."""
+        base = dict(
+            optimizer="adam",
+            learning_rate=FAST_LR,
+            steps=50,
+            early_stop=True,
+            stop_loss=0.2,
+            batch_size=32,
+            chunk_size=256,
+        )
+        return cls(**{**base, **overrides})
+
+
+FAST_LR = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +158,14 @@ def _training_batch(tokenizer, edits: Sequence[EditToFit], pad_id: int, bucket: 
 
 
 class Collector:
-    """Fits neurons for batches of edits on one frozen host model."""
+    """Fits neurons for any number of edits on one frozen host model.
+
+    Edits stream through `batch_size` slots (module docstring of `fit.py` for why a batch is one
+    forward/backward pass): each slot holds one fit at its own step; between compiled calls of
+    `check_every` steps, finished fits leave and waiting edits take their slots, and once none
+    waits the running fits are compacted into fewer slots. A fit's trajectory depends only on
+    its own edit, so batching, slot order and compaction change no fitted neuron.
+    """
 
     def __init__(self, config: LMConfig, params, tokenizer, cfg: CollectConfig, success_fn):
         self.config, self.params, self.tokenizer, self.cfg = config, params, tokenizer, cfg
@@ -97,71 +178,176 @@ class Collector:
         else:
             self.init = torch_linear_init(config, cfg.seed)
         self.stop_ids = tuple(config.eos_token_ids)
-
-    def _answers(self, edits: Sequence[EditToFit], neuron: Neuron) -> list[bool]:
-        prompts = [self.tokenizer(e.query)["input_ids"] for e in edits]
-        tokens, mask = left_pad(prompts, self.config.pad_token_id)
-        out = greedy_generate(
-            self.config,
-            self.params,
-            jnp.asarray(tokens),
-            jnp.asarray(mask),
-            neuron,
-            max_new_tokens=self.cfg.max_new_tokens,
-            stop_ids=self.stop_ids,
+        self.lr_table = jnp.asarray(
+            learning_rate_schedule(
+                cfg.learning_rate,
+                cfg.schedule,
+                0,
+                cfg.steps + cfg.retry_steps,
+                cfg.cosine_period,
+            )
         )
-        texts = self.tokenizer.batch_decode(np.asarray(out), skip_special_tokens=True)
-        return list(self.success_fn(texts, [e.target for e in edits]))
+        self.stats = {"steps": 0, "row_steps": 0, "calls": 0}  # slot-steps run, for benchmarks
+
+    def _answers(self, edits: Sequence[EditToFit], neuron: Neuron) -> np.ndarray:
+        """[N] the greedy success test, run B at a time (the last batch padded to B rows)."""
+        prompts = [self.tokenizer(e.query)["input_ids"] for e in edits]
+        batch = self.cfg.batch_size
+        out = []
+        for b in range(0, len(edits), batch):
+            rows = prompts[b : b + batch]
+            n = len(rows)
+            rows = rows + [rows[-1]] * (batch - n)
+            take = np.minimum(np.arange(b, b + batch), len(edits) - 1)
+            tokens, mask = left_pad(rows, self.config.pad_token_id)
+            generated = greedy_generate(
+                self.config,
+                self.params,
+                jnp.asarray(tokens),
+                jnp.asarray(mask),
+                Neuron(*(x[take] for x in neuron)),
+                max_new_tokens=self.cfg.max_new_tokens,
+                stop_ids=self.stop_ids,
+                min_rows=max(1, self.cfg.min_batch),
+            )
+            texts = self.tokenizer.batch_decode(np.asarray(generated)[:n], skip_special_tokens=True)
+            out.extend(self.success_fn(texts, [e.target for e in edits[b : b + n]]))
+        return np.asarray(out, bool)
 
     def fit_batch(self, edits: Sequence[EditToFit]) -> WeightBank:
-        """Fits up to `batch_size` edits; short batches are padded (by repeating the last edit)
-        so that every call has the same shapes and reuses one compiled step."""
-        n_real = len(edits)
-        edits = list(edits) + [edits[-1]] * (self.cfg.batch_size - n_real)
-        return self._fit(edits).select(np.arange(n_real))
+        """Fits `edits` (any number; the name is kept from when it was one batch)."""
+        return self.fit(edits)
 
-    def _fit(self, edits: Sequence[EditToFit]) -> WeightBank:
+    def fit(self, edits: Sequence[EditToFit]) -> WeightBank:
         cfg, config = self.cfg, self.config
         tokens, mask, targets, loss_mask = _training_batch(
             self.tokenizer, edits, config.pad_token_id
         )
-        batch = len(edits)
-        hidden = Decoder(config).apply(
-            {"params": self.params},
-            jnp.asarray(tokens),
-            jnp.asarray(mask),
-            method=Decoder.hidden_before,
-        )
-        neuron = Neuron(*(jnp.repeat(x, batch, axis=0) for x in self.init))
-        active = jnp.ones((batch,), bool)
-        args = (
-            config,
-            self.params,
-            hidden,
-            jnp.asarray(mask),
-            jnp.asarray(targets),
-            jnp.asarray(loss_mask),
-        )
-        lrs = learning_rate_schedule(
-            cfg.learning_rate, cfg.schedule, 0, cfg.steps, cfg.cosine_period
-        )
-        neuron, loss = sgd_fit(*args, neuron, active, jnp.asarray(lrs))
-        success = np.asarray(self._answers(edits, neuron))
+        index, answer_targets, weights = answer_positions(loss_mask, targets)
+        data = {
+            "hidden": self._hidden(tokens, mask),
+            "mask": mask,
+            "index": index,
+            "targets": answer_targets,
+            "weights": weights,
+        }
+        n = len(edits)
+        init = np.asarray(flatten_neuron(self.init, config.neuron_has_bias)[0], np.float32)
+        start = np.repeat(init[None], n, axis=0)
+        flat, loss, steps = self._optimise(data, np.arange(n), start, np.zeros(n, np.int32))
+        success = self._answers(edits, self._unflat(flat))
         if cfg.retry_steps and not success.all():
-            lrs = learning_rate_schedule(
-                cfg.learning_rate, cfg.schedule, cfg.steps, cfg.retry_steps, cfg.cosine_period
+            # Adam restarts its moments for the second round; SGD continues exactly.
+            failed = np.flatnonzero(~success)
+            f2, l2, _ = self._optimise(
+                data, failed, flat[failed], steps[failed], cfg.steps + cfg.retry_steps
             )
-            neuron, loss = sgd_fit(*args, neuron, jnp.asarray(~success), jnp.asarray(lrs))
-            success = np.asarray(self._answers(edits, neuron))
-        weights = np.array(flatten_neuron(neuron, config.neuron_has_bias), np.float32)
-        weights[~success] = np.nan  # failed fits are kept as rows, unusable as targets
+            flat[failed], loss[failed] = f2, l2
+            success[failed] = self._answers([edits[i] for i in failed], self._unflat(f2))
+        weights_out = flat.copy()
+        weights_out[~success] = np.nan  # failed fits are kept as rows, unusable as targets
         return WeightBank(
             np.asarray([e.case_id for e in edits], np.int64),
-            weights,
+            weights_out,
             success,
-            np.asarray(loss, np.float32),
-            np.asarray(flatten_neuron(self.init, config.neuron_has_bias)[0], np.float32),
+            loss.astype(np.float32),
+            init,
         )
+
+    def _unflat(self, flat: np.ndarray) -> Neuron:
+        return unflatten_neuron(jnp.asarray(flat), self.config.d_model, self.config.neuron_has_bias)
+
+    def _hidden(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """[N, T, D] the residual stream entering the neuron layer, B rows per call."""
+        batch, n = self.cfg.batch_size, len(tokens)
+        parts = []
+        for b in range(0, n, batch):
+            take = np.minimum(np.arange(b, b + batch), n - 1)
+            h = Decoder(self.config).apply(
+                {"params": self.params},
+                jnp.asarray(tokens[take]),
+                jnp.asarray(mask[take]),
+                method=Decoder.hidden_before,
+            )
+            parts.append(np.asarray(h)[: min(batch, n - b)])
+        return np.concatenate(parts)
+
+    def _optimise(self, data: dict, rows, start, start_steps, limit: int | None = None):
+        """Fits edits `rows` (indices into `data`) from flat neurons start[R, P] at step counts
+        start_steps[R] up to `limit` updates (default `steps`); returns (flat [R, P], final
+        loss [R], updates taken [R])."""
+        cfg, config = self.cfg, self.config
+        limit = cfg.steps if limit is None else limit
+        bias = config.neuron_has_bias
+        out_flat = np.array(start, np.float32)
+        out_loss = np.full(len(rows), np.inf, np.float32)
+        out_steps = np.array(start_steps, np.int32)
+        pending = list(range(len(rows)))[::-1]  # a stack: pop() takes the next in order
+        width = cfg.batch_size
+        slot = np.full(width, -1)  # which of `rows` each slot holds; -1: empty
+        state = jax.device_get(init_state(self.init, width))
+        while True:
+            # Refill the free slots (host side: the state is small, and placing a fit is a reset
+            # of its row). Then the batch inputs are the slots' edits (empty slots repeat one).
+            state = _to_numpy(state)
+            for s in np.flatnonzero(slot < 0):
+                if not pending:
+                    break
+                j = pending.pop()
+                slot[s] = j
+                n = unflatten_neuron(out_flat[j], config.d_model, bias)
+                for leaf, value in zip(state.neuron, n, strict=True):
+                    leaf[s] = np.asarray(value)
+                for moments in (state.m, state.v):
+                    for leaf in moments:
+                        leaf[s] = 0
+                state.steps[s] = out_steps[j]
+                state.done[s] = False
+                state.loss[s] = np.inf
+                state.correct[s] = False
+            if (slot < 0).all():
+                break
+            held = rows[np.maximum(slot, 0)]
+            inputs = [jnp.asarray(data[k][held]) for k in ("hidden", "mask", "index", "targets")]
+            inputs.append(jnp.asarray(data["weights"][held]))
+            state = fit_steps(
+                config,
+                self.params,
+                *inputs,
+                jax.tree.map(jnp.asarray, state),
+                jnp.asarray(limit, jnp.int32),
+                self.lr_table,
+                jnp.asarray(cfg.stop_loss, jnp.float32),
+                optimizer=cfg.optimizer,
+                num_steps=cfg.check_every,
+                early_stop=cfg.early_stop,
+                full_head=cfg.full_head,
+            )
+            self.stats["calls"] += 1
+            self.stats["steps"] += cfg.check_every
+            self.stats["row_steps"] += cfg.check_every * width
+            state = _to_numpy(jax.device_get(state))
+            flat = np.asarray(flatten_neuron(Neuron(*state.neuron), bias))
+            for s in np.flatnonzero((slot >= 0) & state.done):
+                j = slot[s]
+                out_flat[j], out_loss[j], out_steps[j] = flat[s], state.loss[s], state.steps[s]
+                slot[s] = -1
+            running = np.flatnonzero(slot >= 0)
+            if not pending and len(running) and len(running) <= width // 2:
+                # Compaction: nothing waits, so the running fits move to fewer slots.
+                new = width
+                while new // 2 >= max(len(running), cfg.min_batch):
+                    new //= 2
+                if new < width:
+                    keep = np.concatenate([running, np.flatnonzero(slot < 0)[: new - len(running)]])
+                    state = jax.tree.map(lambda x: x[keep], state)  # noqa: B023
+                    slot, width = slot[keep], new
+        return out_flat, out_loss, out_steps
+
+
+def _to_numpy(state: FitState) -> FitState:
+    """A writable host copy of a `FitState`."""
+    return jax.tree.map(lambda x: np.array(x), state)
 
 
 def collect_bank(
@@ -182,13 +368,10 @@ def collect_bank(
     with tqdm(total=len(edits), initial=start, desc="collect", unit="edit") as bar:
         for chunk_start in range(start, len(edits), cfg.chunk_size):
             chunk = edits[chunk_start : chunk_start + cfg.chunk_size]
-            for b in range(0, len(chunk), cfg.batch_size):
-                part = collector.fit_batch(chunk[b : b + cfg.batch_size])
-                parts.append(part)
-                bar.update(len(part))
-                bar.set_postfix(
-                    success=f"{np.mean(np.concatenate([p.success for p in parts])):.3f}"
-                )
+            part = collector.fit(chunk)
+            parts.append(part)
+            bar.update(len(part))
+            bar.set_postfix(success=f"{np.mean(np.concatenate([p.success for p in parts])):.3f}")
             bank = WeightBank.concatenate(parts)
             save_bank(bank, out_path)
             if on_chunk is not None:

@@ -186,6 +186,23 @@ class Decoder(nn.Module):
         h, _ = self._layers(hidden, start, self.config.n_layers, positions, attention_mask, neuron)
         return self._head(h)
 
+    def logits_from_at(
+        self, hidden, attention_mask, index, positions=None, neuron=None, start: int | None = None
+    ):
+        """Logits [B, A, V] at positions index[B, A] only, from the residual stream entering layer
+        `start` (default: the neuron layer's).
+
+        The layers still run every position (later positions attend to earlier ones); only the
+        final norm and the [D, V] head, a large share of a small model's step, skip the others.
+        Weight collection needs the logits at the few answer positions of each row.
+        """
+        start = self.config.neuron_layer if start is None else start
+        attention_mask, positions = self._mask_and_positions(
+            hidden[..., 0], attention_mask, positions
+        )
+        h, _ = self._layers(hidden, start, self.config.n_layers, positions, attention_mask, neuron)
+        return self._head(jnp.take_along_axis(h, index[..., None], axis=1))
+
     def decode(
         self,
         tokens,
