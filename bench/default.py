@@ -1,30 +1,30 @@
-"""The main job end to end on the embedded default: its MeG Score, readings and wall time.
+"""The main job end to end on the embedded default: its MeG Score, readings and wall times.
 
-    python bench/default.py [--variant n=64] [--workdir runs/bench_default]
+    python bench/default.py [--variant n=256] [--workdir runs/bench_default]
 
 Runs `configs/smollm2_cf.py` (SmolLM2-135M GGUF on CPU, CounterFact edits from ../shared/data)
 exactly as `python -m meg_jax.train --config configs/smollm2_cf.py:<variant>` does, in a fresh
 work directory (so nothing is resumed and the wall time covers every stage), then writes
 bench/results/default.json: `score` is the edited model's MeG Score (harmonic mean of Rel/Gen/Loc
-x AG/TF), beside the six readings, the unedited model's, the routing rates and the wall time.
+x AG/TF), beside the six readings, the unedited model's, the routing rates, `edits`, the total
+`wall_s` and each stage's wall time (`stages`, from the stage records).
 """
 
 import argparse
-import importlib.util
 import shutil
 import time
 
 from common import REPO, write_result
 
 from meg_jax.evaluation.evaluator import SIX
-from meg_jax.pipeline import pipeline_config, run
+from meg_jax.infra.fingerprint import StageRecord
+from meg_jax.pipeline import STAGES, load_config, run
+from meg_jax.pipeline.cli import setup_logging
 
 
-def load_config(variant: str):
-    spec = importlib.util.spec_from_file_location("smollm2_cf", REPO / "configs" / "smollm2_cf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant or None)
+def stage_times(workdir) -> dict:
+    """Each stage's wall time as its record holds it."""
+    return {s: StageRecord.read(workdir / s).wall_s for s in STAGES}
 
 
 def main():
@@ -33,25 +33,27 @@ def main():
     parser.add_argument("--workdir", default=str(REPO / "runs" / "bench_default"))
     args = parser.parse_args()
 
-    config = load_config(args.variant)
-    config.workdir = args.workdir
+    spec = "configs/smollm2_cf.py" + (f":{args.variant}" if args.variant else "")
+    cfg, _ = load_config(["--config", str(REPO / spec), f"--config.workdir={args.workdir}"])
+    setup_logging(0)
     shutil.rmtree(args.workdir, ignore_errors=True)  # a fresh run: nothing resumed
     began = time.perf_counter()
-    summaries = run(pipeline_config(config))
+    summaries = run(cfg, evaluate=True)
     wall = time.perf_counter() - began
     meg, unedited = summaries["meg"], summaries["unedited"]
+    collect = StageRecord.read(REPO / args.workdir / "collect")
     result = {
         "benchmark": "default",
         "score": meg["score"],
+        "edits": meg["n_records"],
+        "wall_s": wall,
+        "stages": stage_times(REPO / args.workdir),
         "readings": {k: meg[k] for k in SIX},
         "unedited": {k: unedited[k] for k in (*SIX, "score")},
         "routed": meg.get("routed"),
-        "bank_fitted": meg.get("bank_fitted"),
-        "edits": meg["n_records"],
-        "config": f"configs/smollm2_cf.py:{args.variant}"
-        if args.variant
-        else "configs/smollm2_cf.py",
-        "wall_s": wall,
+        "routing": meg.get("routing"),
+        "bank_fitted": collect.summary.get("fitted") if collect else None,
+        "config": spec,
     }
     print(f"MeG Score {result['score']:.2f} in {wall / 60:.1f} min: {result['readings']}")
     print(write_result("default", result))

@@ -44,7 +44,6 @@ from meg_jax.evaluation.evaluator import (
     KINDS,
     EvalConfig,
     evaluate_meg,
-    generation_stops,
     zero_editor,
 )
 from meg_jax.evaluation.metrics import answer_ag_correct, locality_ag_correct
@@ -137,7 +136,7 @@ def main():
     labels = pre_edit_answers(
         [r.locality_prompts[0] for r in records],
         template,
-        lambda prompts: runner.generate(prompts, zero(prompts), 20, generation_stops(template)),
+        lambda prompts: runner.generate(prompts, zero(prompts), 20, template.generation_stops),
     )
     editor = bank_editor(records, bank, config.d_model)
     loop_records, loop_labels = records[: args.loop_edits], labels[: args.loop_edits]

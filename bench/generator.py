@@ -32,7 +32,6 @@ from meg_jax.diffusion.config import SamplerConfig, generator_config
 from meg_jax.diffusion.generate import generate
 from meg_jax.diffusion.train import train_generator
 from meg_jax.encoder.text_encoder import TextEncoder
-from meg_jax.evaluation.evaluator import generation_stops
 from meg_jax.evaluation.metrics import answer_ag_correct
 from meg_jax.inference.runner import ModelRunner
 from meg_jax.models.neuron import unflatten_neuron
@@ -58,7 +57,7 @@ def success_callback(runner, prompts, targets, template, every):
         if step % every:
             return None
         neurons = unflatten_neuron(np.asarray(samples), runner.config.d_model, False)
-        texts = runner.generate(prompts, neurons, 20, generation_stops(template))
+        texts = runner.generate(prompts, neurons, 20, template.generation_stops)
         return {"success": float(np.mean(answer_ag_correct(texts, targets, template.answer_cuts)))}
 
     return callback

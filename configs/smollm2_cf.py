@@ -1,9 +1,10 @@
 """MeG on the embedded default host: SmolLM2-135M-Instruct (GGUF, CPU) with CounterFact.
 
 Variants: `configs/smollm2_cf.py:n=256` sets the number of edits; `:smoke` is a minutes-long
-run of every stage on 16 edits. The edit and pseudo-edit files default to ../shared/data
-(the EasyEdit CounterFact edit split and its disjoint train split); point `data.edits` at any
-other file or dataset name.
+run of every stage on 16 edits. The edit and pseudo-edit files are the EasyEdit CounterFact edit
+split and its disjoint train split, found under the data directory (`$MEG_JAX_DATA` or
+../shared/data, see `meg_jax.data.locate`); point `data.edits` at any other file or dataset name.
+`data.add=FILE` (or a larger `n`) extends a trained work directory with more facts.
 
 Choices for SmolLM2 (METHOD.md §3.3b): the neuron sits at layer 14 as the shared reference bank;
 the Llama form is a linear unit; with a true reset per edit the reference's Llama lr (0.02)
@@ -14,8 +15,6 @@ import ml_collections
 
 from meg_jax.infra.config import parse_arg
 
-SHARED = "../shared/data"
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     v = parse_arg(arg, n=64, smoke=False)
@@ -23,12 +22,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "")
     c.seed = 0
+    c.evaluate = True  # the main job ends with the evaluation table
     c.host = dict(name="smollm2", neuron_layer=14, neuron_activation="identity", template="smollm2")
     c.data = dict(
-        edits=f"{SHARED}/counterfact/counterfact-edit.json",
+        edits="counterfact/counterfact-edit.json",
         kind="counterfact",
         n_edits=16 if smoke else v.n,
-        pseudo=f"{SHARED}/counterfact/counterfact-train.json",
+        pseudo="counterfact/counterfact-train.json",
         n_pseudo_pairs=300 if smoke else 2000,
         n_val_pairs=50 if smoke else 200,
         n_calibration=64 if smoke else 256,

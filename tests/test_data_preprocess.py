@@ -106,8 +106,7 @@ def test_zsre_preprocessing_filters_known_facts_and_labels_locality():
     prepared = prepare_edits(RECORDS, "fake-gptj", model, meg_preprocess_config("zsre", "gptj"))
     # record 1 is a duplicate subject, record 0 is already known (" Uniform." == "uniform")
     assert [r.source.index for r in prepared.records] == [2, 3]
-    assert [r.id for r in prepared.records] == [0, 1]
-    assert prepared.original_ids == (102, 103)
+    assert [r.id for r in prepared.records] == [102, 103]  # the dataset ids stay on the record
     assert prepared.edit_answers == ("no idea", "Sweden\\n")  # Loc cuts: newline only
     assert prepared.records[0].locality_prompts == ("Who wrote hamlet?",)
     assert prepared.locality_labels == ("William Shakespeare", "Nowhere")

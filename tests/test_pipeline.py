@@ -2,10 +2,10 @@
 
 A tiny random Llama with the GPT-2 vocabulary stands in for the LLM (its tokenizer is the real
 GPT-2 one, saved beside it), so the run is minutes, not hours; the point is that the stages fit
-together, resume, and produce the promised files and numbers, not that a random model edits well.
-A random model cannot be made to state a fact by one neuron, so the weight bank is given (random
-neurons marked fitted); the collection stage itself is checked on the real SmolLM2 against the
-shared reference bank in test_collect.py.
+together, skip, resume and extend, and that the trained work directory loads and evaluates the
+same, not that a random model edits well. A random model cannot be made to state a fact by one
+neuron, so the weight bank is given (random neurons marked fitted); the collection stage itself is
+checked on the real SmolLM2 in test_collect.py.
 """
 
 import json
@@ -15,12 +15,18 @@ import pytest
 from hf_tiny import tiny_llama
 from transformers import AutoTokenizer
 
-from meg_jax.collect.bank import WeightBank, save_bank
+import meg_jax
+from meg_jax.collect.bank import WeightBank, load_bank, save_bank
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
-from meg_jax.pipeline import _edits_to_fit, pipeline_config, run
+from meg_jax.infra.fingerprint import StageInputsChanged, StageRecord
+from meg_jax.pipeline import pipeline_config, run
+from meg_jax.pipeline.collection import edits_to_fit
+from meg_jax.pipeline.context import StageNotReady
 
 GPT2_VOCAB = 50257
+N_EDITS = 6
+N_BANK = 9  # the given bank covers the edits of the extension too
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +41,18 @@ def tiny_host(shared_data, tmp_path_factory):
     return path
 
 
-N_EDITS = 6
-
-
-def _given_bank(shared_data, path):
-    """Random neurons for the first N_EDITS edits, in the bank layout, all marked fitted."""
-    records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=N_EDITS)
+@pytest.fixture(scope="module")
+def given_bank(shared_data, tmp_path_factory):
+    """Random neurons for the first N_BANK edits, in the bank layout, all marked fitted."""
+    records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=N_BANK)
     rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("bank") / "given_bank.npz"
     save_bank(
         WeightBank(
             np.asarray([r.id for r in records], np.int64),
-            rng.normal(size=(N_EDITS, 128)).astype(np.float32) * 0.1,
-            np.ones(N_EDITS, bool),
-            np.zeros(N_EDITS, np.float32),
+            rng.normal(size=(N_BANK, 128)).astype(np.float32) * 0.1,
+            np.ones(N_BANK, bool),
+            np.zeros(N_BANK, np.float32),
             np.zeros(128, np.float32),
         ),
         path,
@@ -55,10 +60,11 @@ def _given_bank(shared_data, path):
     return path
 
 
-def _config(shared_data, host, workdir):
+def _config(shared_data, host, bank, workdir, **changes):
     cf = shared_data / "counterfact"
-    return {
+    config = {
         "workdir": str(workdir),
+        "evaluate": True,
         "host": {"name": str(host), "neuron_layer": 1, "template": "gptj"},
         "data": {
             "edits": str(cf / "counterfact-edit.json"),
@@ -69,37 +75,156 @@ def _config(shared_data, host, workdir):
             "n_calibration": 16,
         },
         "encoder": {"infonce": {"num_steps": 4, "eval_every": 2, "batch_size": 32}},
-        "router": {"train": {"num_epochs": 20, "batch_size": 32, "save_every": 10}},
-        "collect": {"bank": str(_given_bank(shared_data, workdir / "given_bank.npz"))},
+        "router": {
+            "train": {"num_epochs": 20, "batch_size": 32, "save_every": 10},
+            "extend_epochs": 5,
+        },
+        "collect": {"bank": str(bank)},
         "generator": {
             "preset": "fast",
             "dit_preset": "tiny",
             "overrides": {"train": {"num_steps": 20, "eval_every": 10, "checkpoint_every": 10}},
+            "extend_steps": 10,
         },
         "evaluation": {"batch_size": 8, "tf_mode": "fast"},
     }
+    for dotted, value in changes.items():
+        node, *path, last = ["root", *dotted.split("__")]
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return pipeline_config(config)
 
 
-def test_pipeline_end_to_end_and_resume(shared_data, tiny_host, tmp_path):
-    cfg = pipeline_config(_config(shared_data, tiny_host, tmp_path))
-    summaries = run(cfg)
+@pytest.fixture(scope="module")
+def trained(shared_data, tiny_host, given_bank, tmp_path_factory):
+    """(config, summaries) of one trained tiny work directory, shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("run")
+    cfg = _config(shared_data, tiny_host, given_bank, workdir)
+    return cfg, run(cfg)
+
+
+def _records(workdir, stage):
+    return StageRecord.read(workdir / stage)
+
+
+def test_pipeline_end_to_end_and_rerun_changes_nothing(trained):
+    cfg, summaries = trained
+    workdir = cfg.workdir
     unedited, meg = summaries["unedited"], summaries["meg"]
     assert unedited["loc_ag"] == 100.0  # the unedited model agrees with itself
     for key in ("rel_ag", "rel_tf", "gen_ag", "gen_tf", "loc_ag", "loc_tf"):
         assert 0.0 <= meg[key] <= 100.0
-    assert meg["bank_fitted"] == N_EDITS
+    from pathlib import Path
+
+    workdir = Path(workdir)
     for name in (
         "summary.json",
+        "editor.json",
         "router/calibration.json",
         "router/roc.png",
-        "eval/meg/summary.json",
-        "eval/meg/metrics.png",
-        "eval/unedited/examples.jsonl",
+        "router/router.msgpack",
+        "generator/params.msgpack",
+        "collect/bank.npz",
+        "evaluation/meg/summary.json",
+        "evaluation/meg/metrics.png",
+        "evaluation/unedited/examples.jsonl",
     ):
-        assert (tmp_path / name).is_file(), name
-    # A second run finds every stage's results and reproduces the summary.
-    again = run(cfg)
-    assert again["meg"] == meg
+        assert (workdir / name).is_file(), name
+    stages = ("edits", "encoder", "router", "collect", "generator", "evaluation")
+    records = {s: _records(workdir, s) for s in stages}
+    assert all(r is not None and r.finished for r in records.values())
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    again = run(cfg)  # every stage is finished for these inputs: nothing is re-entered
+    assert again == summaries
+    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    changed = {str(p.relative_to(workdir)) for p in after if before.get(p) != after[p]}
+    assert changed <= {"config.json", "editor.json"}, changed
+
+
+def test_load_editor_and_evaluate_reproduce_the_pipeline(trained, shared_data):
+    cfg, summaries = trained
+    from pathlib import Path
+
+    from meg_jax.evaluate import evaluate
+
+    workdir = Path(cfg.workdir)
+    rows = [json.loads(line) for line in (workdir / "evaluation/meg/examples.jsonl").open()]
+    editor = meg_jax.load_editor(workdir, batch_size=8)
+    for kind in ("rel", "gen", "loc"):
+        queries = [r[f"{kind}_query"] for r in rows]
+        assert editor.generate(queries) == [r[f"{kind}_prediction"] for r in rows]
+    # The evaluate command recomputes (retrain of the derived stage) the same readings.
+    import dataclasses
+
+    redo = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, retrain=True))
+    assert evaluate(redo) == summaries
+    again = [json.loads(line) for line in (workdir / "evaluation/meg/examples.jsonl").open()]
+    assert again == rows
+
+
+def test_a_query_neuron_does_not_depend_on_its_batch(trained):
+    cfg, _ = trained
+    editor = meg_jax.load_editor(cfg.workdir, batch_size=8)
+    editor.editor.router = None  # route everything: every query is sampled
+    queries = ["Where is the Eiffel Tower?", "Who wrote Hamlet?", "What is the capital of Peru?"]
+    alone = editor.editor.flat([queries[1]])[0]
+    for batch in ([queries[1], queries[0]], queries, [queries[2], queries[0], queries[1]] * 5):
+        flat = editor.editor.flat(batch)
+        assert np.array_equal(flat[batch.index(queries[1])], alone)
+    assert np.any(alone != 0)
+
+
+def test_changed_inputs_stop_each_stage_with_the_ways_out(
+    trained, shared_data, tiny_host, given_bank, tmp_path
+):
+    cfg, _ = trained
+    cases = {
+        "encoder": {"encoder__infonce__temperature": 0.5},
+        "router": {"router__train__num_epochs": 21},
+        "generator": {"generator__overrides": {"train": {"num_steps": 21, "eval_every": 10}}},
+    }
+    for stage, change in cases.items():
+        changed = _config(shared_data, tiny_host, given_bank, cfg.workdir, **change)
+        with pytest.raises(StageInputsChanged, match=rf"stage '{stage}'.*retrain=True") as err:
+            run(changed)
+        assert "fresh work directory" in str(err.value)
+    # Collection: another bank file is another input.
+    other = tmp_path / "other.npz"
+    bank = load_bank(given_bank)
+    save_bank(
+        WeightBank(bank.case_id, bank.weights * 2, bank.success, bank.final_loss, bank.init), other
+    )
+    changed = _config(shared_data, tiny_host, other, cfg.workdir)
+    with pytest.raises(StageInputsChanged, match=r"stage 'collect'.*setting bank"):
+        run(changed)
+    # Fewer edits is not an extension.
+    with pytest.raises(StageInputsChanged, match="removed"):
+        run(_config(shared_data, tiny_host, given_bank, cfg.workdir, data__n_edits=N_EDITS - 1))
+    # One stage alone needs the others finished for the same inputs.
+    with pytest.raises(StageNotReady, match="--config.stage=edits"):
+        run(_config(shared_data, tiny_host, given_bank, tmp_path / "empty", stage="router"))
+
+
+def test_adding_edits_extends_every_stage(shared_data, tiny_host, given_bank, tmp_path):
+    cfg = _config(shared_data, tiny_host, given_bank, tmp_path)
+    run(cfg, evaluate=False)
+    bank_before = load_bank(tmp_path / "collect" / "bank.npz")
+    router_before = _records(tmp_path, "router")
+    bigger = _config(shared_data, tiny_host, given_bank, tmp_path, data__n_edits=N_EDITS + 2)
+    summaries = run(bigger)
+    bank_after = load_bank(tmp_path / "collect" / "bank.npz")
+    assert len(bank_after) == N_EDITS + 2
+    for field in ("case_id", "weights", "success", "final_loss"):
+        assert np.array_equal(getattr(bank_after, field)[:N_EDITS], getattr(bank_before, field))
+    for stage in ("router", "collect", "generator"):
+        record = _records(tmp_path, stage)
+        assert record.finished and len(record.inputs.items) == N_EDITS + 2, stage
+    # The router continued from its trained weights: its run directory is new, few epochs.
+    assert _records(tmp_path, "router").inputs.fingerprint != router_before.inputs.fingerprint
+    assert summaries["meg"]["n_records"] == N_EDITS + 2
+    assert summaries["unedited"]["loc_ag"] == 100.0
 
 
 def test_unknown_config_key_is_named():
@@ -108,15 +233,10 @@ def test_unknown_config_key_is_named():
 
 
 def test_collection_inputs_are_keyed_by_dataset_ids(shared_data):
-    """Records are re-indexed by preprocessing; collection must key its bank by dataset ids, or
-    a bank could not be matched to its edits (`_bank_for`) in a later run."""
     records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=3)
     template = get_template("gptj")
-    case_ids = [1000 + r.id for r in records]
-    edits = _edits_to_fit(records, case_ids, template)
-    assert [e.case_id for e in edits] == case_ids
+    edits = edits_to_fit(records, template)
+    assert [e.case_id for e in edits] == [r.id for r in records]
     assert edits[0].query == template.format_query(records[0].prompt)
     assert edits[0].answer == template.format_answer(records[0].target_new)
     assert edits[0].target == records[0].target_new
-    with pytest.raises(ValueError):
-        _edits_to_fit(records, case_ids[:2], template)

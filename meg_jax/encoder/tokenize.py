@@ -84,11 +84,15 @@ class BertTokenizer:
             ids = [row if len(row) <= self.max_length else row[:cut] + row[-1:] for row in ids]
         return ids
 
+    def bucket(self, n_tokens: int) -> int:
+        """The padded length of a text of `n_tokens` tokens."""
+        return bucket_length(n_tokens, self.max_length)
+
     def pad(self, ids: Sequence[Sequence[int]], length: int | None = None) -> TokenBatch:
         """Right-pads id lists to `length` (default: the bucket of the longest)."""
         longest = max((len(row) for row in ids), default=1)
         if length is None:
-            length = bucket_length(longest, self.max_length)
+            length = self.bucket(longest)
         if longest > length:
             raise ValueError(f"a text has {longest} tokens, more than the padded length {length}")
         out = np.full((len(ids), length), self.pad_id, np.int32)

@@ -102,12 +102,6 @@ def _queries(records: Sequence[EditRecord], loc_labels: Sequence[str] | None) ->
     return out
 
 
-def generation_stops(template: PromptTemplate) -> tuple[str, ...]:
-    """The one-character cuts that every query kind (Rel/Gen and Loc) applies: a generation may
-    end at the first token containing one, since every metric discards what follows."""
-    return tuple(c for c in template.answer_cuts if len(c) == 1 and c in template.locality_cuts)
-
-
 def _tf_flags(
     runner: ModelRunner,
     prompts: Sequence[str],
@@ -177,7 +171,7 @@ def evaluate_meg(
     if len(neurons.w_in) != len(queries):
         raise ValueError(f"editor returned {len(neurons.w_in)} neurons for {len(queries)} queries")
     prompts = [template.format_query(q.text) for q in queries]
-    stop_texts = generation_stops(template) if cfg.stop_at_cut else ()
+    stop_texts = template.generation_stops if cfg.stop_at_cut else ()
     generated = runner.generate_ids(prompts, neurons, cfg.max_new_tokens, stop_texts)
     continuations = runner.tokenizer.batch_decode(generated, skip_special_tokens=True)
     reuse = generated if cfg.reuse_generation else None

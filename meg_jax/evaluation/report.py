@@ -63,3 +63,18 @@ def write_report(out_dir, rows: Sequence[dict], summary: dict, title: str) -> st
     write_json_atomic(out_dir / "summary.json", summary)
     plot_six(summary, out_dir / "metrics.png", title)
     return format_table(summary, title)
+
+
+def format_comparison(summaries: dict[str, dict], names: dict[str, str]) -> str:
+    """One table, a row per model (`names` maps summary keys to row labels, in order), with the
+    six readings and the Score."""
+    width = max(len(label) for label in names.values())
+    head = f"{'':{width}} | " + " | ".join(f"{LABELS[k]:>7}" for k in SIX) + " |   Score"
+    lines = [head, "-" * len(head)]
+    for key, label in names.items():
+        summary = summaries[key]
+        cells = " | ".join(f"{summary[k]:7.2f}" if k in summary else f"{'-':>7}" for k in SIX)
+        score = summary.get("score")
+        cells += f" | {score:7.2f}" if score is not None else " |       -"
+        lines.append(f"{label:{width}} | {cells}")
+    return "\n".join(lines)

@@ -3,14 +3,21 @@
 Axes: N queries, E encoder width.
 
 `Router` is what inference and evaluation use; training (`meg_jax.router.train`) produces one.
+`save_router` / `load_router` keep it as `router.json` (network shape, threshold) and
+`router.msgpack` (parameters): the artefact, apart from the training checkpoints.
 """
 
 import dataclasses
+import json
+from pathlib import Path
 
+import jax
 import numpy as np
+from flax import serialization
 from jax.sharding import Mesh
 
-from meg_jax.infra.sharding import shard_batch
+from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
+from meg_jax.infra.sharding import replicated, shard_batch
 from meg_jax.router.network import FamiliarityConfig, familiarity_entropy
 
 
@@ -29,7 +36,9 @@ class Router:
         x = np.asarray(conditions, np.float32)
         if x.ndim != 2 or x.shape[1] != self.config.width:
             raise ValueError(f"conditions of shape {x.shape}; expected [N, {self.config.width}]")
-        rows = padded_rows(min(self.batch_size, max(len(x), 1)), self.mesh)
+        # Always full batches: a query's entropy (so its routing) is computed by one program,
+        # whatever else shares the call.
+        rows = padded_rows(self.batch_size, self.mesh)
         out = []
         for start in range(0, len(x), rows):
             part = x[np.arange(start, start + rows) % len(x)]  # wrap: one shape, no empty rows
@@ -51,3 +60,35 @@ class Router:
 def padded_rows(batch: int, mesh: Mesh) -> int:
     data = mesh.shape["data"]
     return -(-batch // data) * data
+
+
+def save_router(router: Router, folder: str | Path) -> None:
+    """Writes `router.json` and `router.msgpack` under `folder`, atomically."""
+    folder = Path(folder)
+    write_bytes_atomic(
+        folder / "router.msgpack", serialization.msgpack_serialize(jax.device_get(router.params))
+    )
+    write_json_atomic(
+        folder / "router.json",
+        {
+            "network": dataclasses.asdict(router.config),
+            "threshold": router.threshold,
+            "batch_size": router.batch_size,
+        },
+    )
+
+
+def load_router(folder: str | Path, mesh: Mesh) -> Router:
+    """The router written by `save_router`, its parameters replicated over `mesh`."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
+        params = serialization.msgpack_restore((folder / "router.msgpack").read_bytes())
+        config = FamiliarityConfig(**meta["network"])
+        threshold, batch_size = float(meta["threshold"]), int(meta["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{folder}: no readable router ({type(err).__name__}: {err}); rerun the router stage "
+            "(--config.stage=router)"
+        ) from None
+    return Router(config, jax.device_put(params, replicated(mesh)), threshold, mesh, batch_size)

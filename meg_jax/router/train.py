@@ -147,8 +147,13 @@ def train_router(
     config: RouterTrainConfig,
     workdir: str | Path,
     mesh: Mesh | None = None,
+    init_params: dict | None = None,
 ) -> Router:
-    """Fits f_mu to seeded random labels of conditions[N, E]; resumes from `workdir`."""
+    """Fits f_mu to seeded random labels of conditions[N, E]; resumes from `workdir`.
+
+    `init_params` (a trained router's, e.g. before edits were appended to `conditions`) replaces
+    the random initialisation. Labels are prefix-stable: appended rows keep the earlier labels.
+    """
     x = np.asarray(conditions, np.float32)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"conditions must be a non-empty [N, E] array, got shape {x.shape}")
@@ -163,7 +168,10 @@ def train_router(
     tx = _optimizer(config.learning_rate, config.weight_decay)
     init_key, key = jax.random.split(jax.random.PRNGKey(config.seed))
     manager = runs.checkpoint_manager(workdir, config.max_to_keep)
-    state, _ = runs.restore_or(manager, _initial_state(net, tx, init_key, mesh))
+    initial = _initial_state(net, tx, init_key, mesh)
+    if init_params is not None:
+        initial["params"] = jax.device_put(init_params, replicated(mesh))
+    state, _ = runs.restore_or(manager, initial)
     log = runs.JsonlLog(Path(workdir) / "metrics.jsonl")
 
     step_fn = _train_step(net_config, config.learning_rate, config.weight_decay, mesh)

@@ -1,0 +1,200 @@
+"""The run's settings: one frozen dataclass per stage, one `PipelineConfig` holding them.
+
+A config file (`configs/*.py`) returns an ml_collections `ConfigDict`; `pipeline_config` turns it
+into these dataclasses, strict about unknown keys, and every value is checked here, before any
+model is loaded. Every stage section has `retrain`: redo that stage from scratch although its
+recorded inputs differ (see `meg_jax.infra.fingerprint`).
+"""
+
+import dataclasses
+
+from meg_jax.collect.stage import CollectConfig
+from meg_jax.data.templates import TEMPLATES
+from meg_jax.diffusion.config import GeneratorConfig, generator_config
+from meg_jax.encoder.train import InfoNCEConfig
+from meg_jax.evaluation.evaluator import EvalConfig
+from meg_jax.infra.config import dataclass_from_dict
+from meg_jax.models.config import NEURON_ACTIVATIONS
+from meg_jax.router.calibrate import CalibrationConfig
+from meg_jax.router.train import RouterTrainConfig
+
+STAGES = ("edits", "encoder", "router", "collect", "generator", "evaluation")
+DATASET_KINDS = ("counterfact", "zsre")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, field: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}: expected {expected}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostConfig:
+    """The frozen LLM: a registered name ("smollm2"), a HF directory or a .gguf file."""
+
+    name: str = "smollm2"
+    neuron_layer: int = 14
+    neuron_activation: str = "identity"
+    dtype: str = "float32"
+    template: str = "smollm2"
+
+    def __post_init__(self):
+        _require(bool(self.name), "host.name", "a host name or path", self.name)
+        _require(
+            self.neuron_layer >= 0, "host.neuron_layer", "a layer index >= 0", self.neuron_layer
+        )
+        _require(self.dtype in DTYPES, "host.dtype", f"one of {DTYPES}", self.dtype)
+        acts = NEURON_ACTIVATIONS
+        _require(
+            self.neuron_activation in acts,
+            "host.neuron_activation",
+            f"one of {acts}",
+            self.neuron_activation,
+        )
+        _require(
+            self.template in TEMPLATES,
+            "host.template",
+            f"one of {sorted(TEMPLATES)}",
+            self.template,
+        )
+
+    def load_kwargs(self) -> dict:
+        """`load_host`'s name and overrides (what `editor.json` records)."""
+        return {
+            "name": self.name,
+            "neuron_layer": self.neuron_layer,
+            "neuron_activation": self.neuron_activation,
+            "dtype": self.dtype,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The edit set and the disjoint pseudo-edit set (for the encoder and router calibration).
+
+    `edits` and `pseudo` are resolved by `meg_jax.data.locate`: a path, a file under the data
+    directory ($MEG_JAX_DATA or ../shared/data), or a dataset name downloaded once.
+    `add` names a second edit file whose records are edited too, after those of `edits`: the
+    way to extend a trained work directory with new facts (so is a larger `n_edits`).
+    """
+
+    edits: str = "counterfact/counterfact-edit.json"
+    kind: str = "counterfact"  # or "zsre": selects MeG's preprocessing
+    n_edits: int = 256
+    add: str = ""
+    pseudo: str = ""  # pseudo-edit records, disjoint from `edits`
+    n_pseudo_pairs: int = 2000  # the reference uses the last 2000 pseudo-edit records
+    n_val_pairs: int = 200  # held out from InfoNCE for checkpoint selection
+    n_calibration: int = 256  # held-out pseudo-edits for the router threshold
+    max_prompt_tokens: int = 256  # longer prompts are rejected before any training
+    retrain: bool = False
+
+    def __post_init__(self):
+        _require(bool(self.edits), "data.edits", "a file or dataset name", self.edits)
+        _require(self.kind in DATASET_KINDS, "data.kind", f"one of {DATASET_KINDS}", self.kind)
+        _require(self.n_edits >= 1, "data.n_edits", "at least 1", self.n_edits)
+        for name in ("n_pseudo_pairs", "n_val_pairs", "n_calibration"):
+            _require(getattr(self, name) >= 0, f"data.{name}", ">= 0", getattr(self, name))
+        _require(
+            self.max_prompt_tokens >= 8, "data.max_prompt_tokens", ">= 8", self.max_prompt_tokens
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderStageConfig:
+    path: str = "minilm"  # a HF BERT directory, or "minilm" for the embedded all-MiniLM-L6-v2
+    n_top_layers: int = 1
+    batch_size: int = 128
+    infonce: InfoNCEConfig = InfoNCEConfig()
+    retrain: bool = False
+
+    def __post_init__(self):
+        _require(self.n_top_layers >= 1, "encoder.n_top_layers", ">= 1", self.n_top_layers)
+        _require(self.batch_size >= 1, "encoder.batch_size", ">= 1", self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterStageConfig:
+    enabled: bool = True  # False: every query gets a generated neuron (the "w/o FN" ablation)
+    calibrate: bool = True  # pick the threshold on held-out pseudo-edits; else train.threshold
+    train: RouterTrainConfig = RouterTrainConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    # Epochs over the union when edits are added to a trained router (from its trained weights).
+    extend_epochs: int = 100
+    retrain: bool = False
+
+    def __post_init__(self):
+        _require(self.extend_epochs >= 1, "router.extend_epochs", ">= 1", self.extend_epochs)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectStageConfig:
+    bank: str = ""  # use this existing bank instead of collecting (rows matched by case id)
+    fit: CollectConfig = CollectConfig()
+    retrain: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorStageConfig:
+    preset: str = "fast"
+    dit_preset: str = ""
+    overrides: dict = dataclasses.field(default_factory=dict)
+    # Steps when edits are added to a trained generator (warm start; the criterion still stops).
+    extend_steps: int = 1000
+    retrain: bool = False
+
+    def __post_init__(self):
+        _require(self.extend_steps >= 1, "generator.extend_steps", ">= 1", self.extend_steps)
+        self.build()  # an unknown preset or override key is a config error, found now
+
+    def build(self) -> GeneratorConfig:
+        """The generator's full settings: the preset, the DiT size preset, the overrides."""
+        return generator_config(
+            self.overrides, self.preset, self.dit_preset or None, "config.generator"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationStageConfig(EvalConfig):
+    """The evaluator's settings, plus which file to evaluate.
+
+    `edits`: evaluate this file (resolved as `data.edits`) against the trained editor instead
+    of the edit set, e.g. a held-out split; `unrelated`: also report the router's false-positive
+    rate on this file's prompts (any edit file; its edit prompts are read as unrelated queries).
+    """
+
+    edits: str = ""
+    n_edits: int = 0  # with `edits`: how many of its records (0: as many as data.n_edits)
+    unrelated: str = ""
+    retrain: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    workdir: str = "runs/default"
+    seed: int = 0
+    stage: str = "all"  # or one of STAGES: run that stage only (its upstream must be trained)
+    evaluate: bool = False  # `train` evaluates at its end only when asked
+    mesh_data: int = -1
+    mesh_model: int = 1
+    host: HostConfig = HostConfig()
+    data: DataConfig = DataConfig()
+    encoder: EncoderStageConfig = EncoderStageConfig()
+    router: RouterStageConfig = RouterStageConfig()
+    collect: CollectStageConfig = CollectStageConfig()
+    generator: GeneratorStageConfig = GeneratorStageConfig()
+    evaluation: EvaluationStageConfig = EvaluationStageConfig()
+
+    def __post_init__(self):
+        stages = ("all", *STAGES)
+        _require(self.stage in stages, "stage", f"one of {stages}", self.stage)
+        _require(
+            self.mesh_data == -1 or self.mesh_data >= 1, "mesh_data", "-1 or >= 1", self.mesh_data
+        )
+        _require(self.mesh_model >= 1, "mesh_model", ">= 1", self.mesh_model)
+        _require(bool(self.workdir), "workdir", "a directory", self.workdir)
+
+
+def pipeline_config(config_dict) -> PipelineConfig:
+    """A `PipelineConfig` from a config file's ConfigDict; unknown keys are errors."""
+    return dataclass_from_dict(PipelineConfig, config_dict, "config")

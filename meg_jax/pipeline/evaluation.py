@@ -1,0 +1,93 @@
+"""Stage "evaluation": the edited and the unedited model under MeG's protocol (and the classic one).
+
+Writes `eval/unedited/` and `eval/meg/` (per-example JSONL, summary JSON, PNG), `summary.json`
+for both, and prints one table whose rows say which model is which. `evaluation.edits` evaluates
+another file against the same trained editor (a held-out split); `evaluation.unrelated` adds the
+router's false-positive rate on a file of unrelated prompts. Evaluation trains nothing: a rerun on
+the same inputs reads the earlier results, and changed inputs are simply evaluated again.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from meg_jax.evaluation.evaluator import KINDS, evaluate_classic, evaluate_meg
+from meg_jax.evaluation.report import format_comparison, write_report
+from meg_jax.inference.edited_model import build_meg_editor
+from meg_jax.inference.editor import MeGEditor, zero_editor
+from meg_jax.infra.files import write_json_atomic
+from meg_jax.infra.fingerprint import StageInputs, digest
+from meg_jax.pipeline.context import RunContext, log
+from meg_jax.pipeline.edits import EditSet, prepare, read_records
+
+ROWS = {"unedited": "unedited model", "meg": "edited model (MeG)"}
+
+
+def evaluated_edits(ctx: RunContext, edits: EditSet) -> tuple[EditSet, str]:
+    """The records to evaluate: the run's edit set, or `evaluation.edits` prepared alike."""
+    e = ctx.cfg.evaluation
+    if not e.edits:
+        return edits, ctx.cfg.data.edits
+    return prepare(ctx, e.edits, e.n_edits or ctx.cfg.data.n_edits), e.edits
+
+
+def routing_breakdown(rows: list[dict], routed: dict[str, np.ndarray]) -> dict:
+    """Per query kind: the share routed, and AG accuracy among routed and unrouted queries."""
+    out = {}
+    for kind, flags in routed.items():
+        ag = np.asarray([row[f"{kind}_ag"] for row in rows if f"{kind}_ag" in row], bool)
+        entry = {"routed": float(flags.mean()) if flags.size else 0.0}
+        for name, mask in (("ag_when_routed", flags), ("ag_when_not_routed", ~flags)):
+            entry[name] = float(100.0 * ag[mask].mean()) if mask.any() else None
+        out[kind] = entry
+    return out
+
+
+def _routed(editor: MeGEditor, rows: list[dict]) -> dict[str, np.ndarray]:
+    return {
+        kind: editor.routed([row[f"{kind}_query"] for row in rows if f"{kind}_query" in row])
+        for kind in KINDS
+    }
+
+
+def run_evaluation_stage(ctx: RunContext, edits: EditSet, lineages: dict) -> dict:
+    """Evaluates (or reads back) the unedited and edited model; returns both summaries."""
+    e = ctx.cfg.evaluation
+    evaluated, source = evaluated_edits(ctx, edits)
+    config = dataclasses.asdict(e)
+    config.pop("retrain")
+    inputs = StageInputs(
+        config=config,
+        upstream={**lineages, "trained_on": digest(edits.items)[:16]},
+        items=evaluated.items,
+    )
+    stage = ctx.stage("evaluation", inputs, e.retrain, derived=True)
+    if stage.skip:
+        summaries = stage.summary()
+        stage.report(f"Score {summaries['meg'].get('score', float('nan')):.2f}")
+        print(format_comparison(summaries, ROWS))
+        return summaries
+    stage.start()
+    host, runner = ctx.host(), ctx.runner()
+    editor = build_meg_editor(ctx.workdir, ctx.manifest(), host, ctx.base_encoder(), ctx.mesh)
+    records, labels = list(evaluated.records), evaluated.locality_labels
+    summaries = {}
+    for name, edit_fn in (("unedited", zero_editor(host.config.d_model)), ("meg", editor)):
+        rows, summary = evaluate_meg(runner, records, ctx.template, edit_fn, labels, e)
+        if e.classic:
+            summary["classic"] = evaluate_classic(runner, records, edit_fn, ctx.cfg.data.kind)
+        if name == "meg":
+            routed = _routed(editor, rows)
+            summary["routed"] = {k: float(v.mean()) for k, v in routed.items() if v.size}
+            summary["routing"] = routing_breakdown(rows, routed)
+            summary["non_finite_neurons"] = editor.non_finite
+            if e.unrelated:
+                prompts = [r.prompt for r in read_records(e.unrelated)]
+                summary["unrelated_routed"] = float(np.mean(editor.routed(prompts)))
+        write_report(stage.folder / name, rows, summary, f"{ROWS[name]}: {source}")
+        summaries[name] = summary
+    write_json_atomic(ctx.workdir / "summary.json", summaries)
+    stage.finish(summaries, f"Score {summaries['meg'].get('score', float('nan')):.2f}")
+    print(format_comparison(summaries, ROWS))
+    log.info("evaluation written to %s", stage.folder)
+    return summaries

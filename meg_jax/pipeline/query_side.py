@@ -1,0 +1,137 @@
+"""Stages "encoder" and "router": the query side of MeG (METHOD.md §2.2-§2.3).
+
+The encoder is tuned on pseudo-edits disjoint from the edit set, so it does not depend on the
+edits: adding facts never retrains it. The router memorises the edit queries (raw text, tuned
+encoder) plus held-out pseudo-edits whose paraphrases and neighbourhood prompts calibrate its
+threshold. Adding edits continues training from the trained router on the union
+(`router.extend_epochs`), then recalibrates.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from meg_jax.data.download import load_edits
+from meg_jax.data.locate import locate
+from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs
+from meg_jax.encoder.text_encoder import TextEncoder, load_top_layers, save_top_layers
+from meg_jax.encoder.train import train_infonce
+from meg_jax.infra.fingerprint import StageInputs, file_digest
+from meg_jax.pipeline.context import RunContext
+from meg_jax.pipeline.edits import EditSet
+from meg_jax.router.calibrate import calibrate, write_calibration
+from meg_jax.router.gate import load_router, save_router
+from meg_jax.router.train import train_router
+
+
+def _pseudo(ctx: RunContext):
+    """(InfoNCE pool, calibration records) from `data.pseudo`, both disjoint from the edits."""
+    d = ctx.cfg.data
+    if not d.pseudo:
+        return [], []
+    path, _ = locate(d.pseudo)
+    pseudo = load_edits(path)
+    calibration = pseudo[-d.n_calibration :] if ctx.cfg.router.calibrate and d.n_calibration else []
+    pool = pseudo[: len(pseudo) - len(calibration)][-d.n_pseudo_pairs :]
+    return pool, calibration
+
+
+def _pseudo_id(ctx: RunContext) -> str:
+    return file_digest(locate(ctx.cfg.data.pseudo)[0])[:16] if ctx.cfg.data.pseudo else ""
+
+
+def run_encoder_stage(ctx: RunContext) -> tuple[TextEncoder, str]:
+    """(the tuned encoder in the raw-query view, the stage's lineage id)."""
+    cfg, d = ctx.cfg, ctx.cfg.data
+    enc = dataclasses.asdict(cfg.encoder)
+    enc.pop("retrain")
+    inputs = StageInputs(
+        config={
+            **enc,
+            "template": ctx.template.query,
+            "seed": cfg.seed,
+            "pseudo": _pseudo_id(ctx),
+            "n_pseudo_pairs": d.n_pseudo_pairs,
+            "n_val_pairs": d.n_val_pairs,
+            "n_calibration": d.n_calibration if cfg.router.calibrate else 0,
+        },
+        upstream={},
+    )
+    stage = ctx.stage("encoder", inputs, cfg.encoder.retrain)
+    top_path = stage.folder / "top_layers.msgpack"
+    encoder = ctx.base_encoder()
+    if stage.skip:
+        if top_path.is_file():
+            encoder = encoder.with_top_layers(load_top_layers(top_path))
+        stage.report(_encoder_figure(stage.summary()))
+        return encoder, inputs.lineage
+    stage.start()
+    pool, _ = _pseudo(ctx)
+    summary = {"tuned": False}
+    if pool:
+        train_pairs, val_pairs = split_pairs(pseudo_edit_pairs(pool), d.n_val_pairs, cfg.seed)
+        infonce = dataclasses.replace(cfg.encoder.infonce, template=ctx.template.query)
+        result = train_infonce(encoder, train_pairs, val_pairs, infonce, stage.run_dir)
+        encoder = encoder.with_top_layers(result.top_layers)
+        save_top_layers(encoder, top_path)
+        summary = {"tuned": True, "best_step": result.best_step, "val_top1": result.best_val_top1}
+    else:
+        top_path.unlink(missing_ok=True)
+    stage.finish(summary, _encoder_figure(summary))
+    return encoder, inputs.lineage
+
+
+def _encoder_figure(summary: dict) -> str:
+    if not summary.get("tuned"):
+        return "untuned (no pseudo-edits)"
+    return f"val top-1 {summary['val_top1']:.3f} at step {summary['best_step']}"
+
+
+def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, encoder_lineage: str):
+    """The trained, calibrated router (None when `router.enabled` is False) and its lineage."""
+    cfg = ctx.cfg
+    rc = dataclasses.asdict(cfg.router)
+    for key in ("retrain", "extend_epochs"):
+        rc.pop(key)
+    inputs = StageInputs(
+        config={**rc, "pseudo": _pseudo_id(ctx), "n_calibration": cfg.data.n_calibration},
+        upstream={"encoder": encoder_lineage},
+        items=edits.items,
+    )
+    if not cfg.router.enabled:
+        return None, inputs.lineage
+    stage = ctx.stage("router", inputs, cfg.router.retrain)
+    if stage.skip:
+        stage.report(_router_figure(stage.summary()))
+        return load_router(stage.folder, ctx.mesh), inputs.lineage
+    stage.start()
+    _, calibration = _pseudo(ctx)
+    # Calibration rows first: labels are prefix-stable, so appended edits keep earlier labels.
+    conditions = np.concatenate(
+        [
+            encoder.encode([r.prompt for r in calibration]),
+            encoder.encode([r.prompt for r in edits.records]),
+        ]
+    )
+    train_cfg, init = cfg.router.train, None
+    if stage.verdict == "extend":
+        init = load_router(stage.folder, ctx.mesh).params
+        train_cfg = dataclasses.replace(train_cfg, num_epochs=cfg.router.extend_epochs)
+    router = train_router(conditions, train_cfg, stage.run_dir, mesh=ctx.mesh, init_params=init)
+    summary: dict = {"threshold": router.threshold, "calibrated": False}
+    if calibration:
+        pos = router.entropy(encoder.encode([r.paraphrases[0] for r in calibration]))
+        neg = router.entropy(encoder.encode([r.locality_prompts[0] for r in calibration]))
+        report = calibrate(pos, neg, cfg.router.calibration)
+        write_calibration(report, stage.folder / "calibration.json", stage.folder / "roc.png")
+        router = router.with_threshold(report["threshold"])
+        summary = {"threshold": report["threshold"], "auc": report["auc"], "calibrated": True}
+    save_router(router, stage.folder)
+    stage.finish(summary, _router_figure(summary))
+    return router, inputs.lineage
+
+
+def _router_figure(summary: dict) -> str:
+    if summary.get("calibrated"):
+        return f"threshold {summary['threshold']:.4f} (calibration AUC {summary['auc']:.3f})"
+    return f"threshold {summary.get('threshold', float('nan')):.4f} (not calibrated)"
