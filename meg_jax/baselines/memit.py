@@ -182,12 +182,17 @@ def apply_updates(
     for i, layer in enumerate(layers):
         keys = mean_keys(config, params, rows, layer, n)
         cur = residual_at(config, params, bare, layers[-1])
+        if i == 0:
+            initial = cur
         resid = (zs - cur) / (len(layers) - i)
         delta = layer_delta(i, keys, resid)
         kernel = np.asarray(out_kernel(params, config, layer), np.float64) + delta
         params = with_out_kernels(params, config, {layer: jnp.asarray(kernel)})
         norms[layer] = float(np.linalg.norm(delta))
-    return params, {"update_norms": norms}
+    # How much of the way to z the edited stream went (1: all of it), averaged over edits.
+    final = residual_at(config, params, bare, layers[-1])
+    reached = 1 - np.linalg.norm(zs - final, axis=1) / np.linalg.norm(zs - initial, axis=1)
+    return params, {"update_norms": norms, "target_reached": float(reached.mean())}
 
 
 def memit(config, params, rows, bare, zs, moments: dict, cfg: MemitConfig):
