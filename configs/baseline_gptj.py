@@ -1,7 +1,7 @@
 """FT-L, MEMIT and AlphaEdit on GPT-J-6B with the papers' hyperparameters.
 
 Variants: `configs/baseline_gptj.py:method=alphaedit,n=2000,host=/models/gpt-j-6b`; `:tiny`
-shrinks everything to a seconds-long smoke run (a test runs it on a tiny random GPT-J).
+shrinks everything to a seconds-long smoke run (layers 1-2: for a tiny model, not a real GPT-J).
 
 Sources (read in the public repositories, not copied):
   MEMIT     kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json: layers 3-8, clamp 0.75,
