@@ -48,10 +48,10 @@ def tiny_llama(path: Path, tie: bool = False, vocab: int = VOCAB, **save_kwargs)
     return model, _save(model, path, **save_kwargs)
 
 
-def tiny_gptj(path: Path, **save_kwargs):
+def tiny_gptj(path: Path, vocab: int = VOCAB, **save_kwargs):
     torch.manual_seed(0)
     config = GPTJConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         n_positions=256,
         n_embd=64,
         n_layer=3,
@@ -64,10 +64,10 @@ def tiny_gptj(path: Path, **save_kwargs):
     return model, _save(model, path, **save_kwargs)
 
 
-def tiny_phi(path: Path, **save_kwargs):
+def tiny_phi(path: Path, vocab: int = VOCAB, **save_kwargs):
     torch.manual_seed(0)
     config = PhiConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=3,

