@@ -8,7 +8,20 @@ split and its disjoint train split, found under the data directory (`$MEG_JAX_DA
 
 Choices for SmolLM2 (METHOD.md §3.3b): the neuron sits at layer 14 as the shared reference bank;
 the Llama form is a linear unit; with a true reset per edit the reference's Llama lr (0.02)
-fits nothing, lr 0.5 for 50 steps fits every edit.
+fits nothing. Collection uses the fast recipe of bench/collection.py (Adam, lr 0.1, up to 50
+steps, each edit stopped once its answer is the argmax with loss below 0.2).
+
+The prompt form is `smollm2_qa` (two-shot Q/A), chosen by the share of EMPTY pre-edit answers of
+the unedited model (bench/templates.py, first 256 records, greedy, 20 tokens, cut at a newline):
+
+    form                       CF loc empty  CF words  zsRE loc empty  zsRE words
+    smollm2 (Llama-3 short)        96.5%        0.1        66.0%          3.4
+    plain two-shot                  0.4%        4.2        48.8%          1.9
+    smollm2_chat                    0.0%       13.8         0.0%         14.9   (81-90% > 10 words)
+    smollm2_qa (two-shot Q/A)       0.0%        2.3         0.0%          4.2
+
+Under the Llama-3 short-answer form SmolLM2 answers most neighbourhood prompts with an immediate
+end of text, so Loc compared "" with ""; under the chat form its answers are sentences.
 """
 
 import ml_collections
@@ -23,7 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "")
     c.seed = 0
     c.evaluate = True  # the main job ends with the evaluation table
-    c.host = dict(name="smollm2", neuron_layer=14, neuron_activation="identity", template="smollm2")
+    c.host = dict(
+        name="smollm2", neuron_layer=14, neuron_activation="identity", template="smollm2_qa"
+    )
     c.data = dict(
         edits="counterfact/counterfact-edit.json",
         kind="counterfact",
@@ -40,7 +55,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
     )
     c.router = dict(train=dict(num_epochs=60 if smoke else 300, batch_size=256))
-    c.collect = dict(fit=dict(learning_rate=0.5, steps=50, batch_size=16, chunk_size=32))
+    c.collect = dict(
+        fit=dict(
+            optimizer="adam",
+            learning_rate=0.1,
+            steps=50,
+            early_stop=True,
+            stop_loss=0.2,
+            check_every=1,
+            batch_size=32,
+            chunk_size=64,
+        )
+    )
     c.generator = dict(preset="fast")
     if smoke:
         c.generator.overrides = dict(

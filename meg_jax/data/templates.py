@@ -12,6 +12,8 @@ continuation is cut at model-specific stop strings before it is compared with a 
                 eos `<|end_of_text|>`; cuts as gptj
   smollm2       the Llama-3 template (what the shared SmolLM2 weight bank was fitted with)
                 eos `<|im_end|>`; cuts as gptj
+  smollm2_qa    two-shot `Q: ...\nA: ...` (the SmolLM2 default: it answers every neighbourhood
+                prompt in a few words, see configs/smollm2_cf.py); eos `<|im_end|>`; cuts as gptj
   smollm2_chat  `<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n`
                 eos `<|im_end|>`; cuts as gptj
 
@@ -93,6 +95,14 @@ TEMPLATES: dict[str, PromptTemplate] = {
         PromptTemplate(
             "smollm2",
             f"{_SHORT_ANSWER}: {{query}} \nAnswer:",
+            "<|im_end|>",
+            _BOTH_CUTS,
+            _NEWLINE_CUT,
+        ),
+        PromptTemplate(
+            "smollm2_qa",
+            "Q: The capital of France is\nA: Paris.\n"
+            "Q: Who wrote Hamlet?\nA: William Shakespeare.\nQ: {query}\nA:",
             "<|im_end|>",
             _BOTH_CUTS,
             _NEWLINE_CUT,

@@ -22,6 +22,7 @@ the greedy generation already took are read off it, so most queries cost no TF f
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -66,6 +67,9 @@ class EvalConfig:
     # Reference TF: a step whose re-tokenised input is the prompt plus the tokens the greedy
     # generation already produced is read from the generation (the same argmax), not re-run.
     reuse_generation: bool = True
+    # Largest share of empty pre-edit locality answers: above it Loc compares "" with "" and
+    # measures nothing, so the run stops (`check_locality_labels`).
+    max_empty_labels: float = 0.1
 
     def __post_init__(self):
         # Checked when the config is built, not when evaluation reaches them after all training.
@@ -81,6 +85,31 @@ class EvalConfig:
                 raise ValueError(
                     f"evaluation.{name}: expected an integer >= {least}, got {value!r}"
                 )
+        if not 0.0 <= self.max_empty_labels <= 1.0:
+            raise ValueError(
+                f"evaluation.max_empty_labels: expected a share in [0, 1], got "
+                f"{self.max_empty_labels!r}"
+            )
+
+
+class EmptyLabelsError(ValueError):
+    """Too many pre-edit locality answers are empty for Loc to measure anything."""
+
+
+def check_locality_labels(labels: Sequence[str], source: str, bound: float) -> float:
+    """The share of empty pre-edit locality answers; raises `EmptyLabelsError` above `bound`."""
+    if not labels:
+        return 0.0
+    empty = sum(1 for a in labels if not a)
+    share = empty / len(labels)
+    if share > bound:
+        raise EmptyLabelsError(
+            f"{source}: {empty} of {len(labels)} pre-edit locality answers are empty "
+            f"({100 * share:.1f}% > evaluation.max_empty_labels={100 * bound:.0f}%): the unedited "
+            "model gives no answer to these prompts under this template, so Loc would compare "
+            "nothing. Use a prompt template the host answers (host.template), or raise the bound."
+        )
+    return share
 
 
 @dataclasses.dataclass
@@ -161,8 +190,16 @@ def evaluate_meg(
     editor: Editor,
     loc_labels: Sequence[str] | None,
     cfg: EvalConfig = EvalConfig(),
+    loc_reference: Sequence[Sequence[int]] | Literal["own"] | None = None,
 ) -> tuple[list[dict], dict]:
-    """MeG P5 over `records`: (per-record rows, summary with the six readings and Score)."""
+    """MeG P5 over `records`: (per-record rows, summary with the six readings and Score).
+
+    `loc_reference`: per record, the unedited model's generated ids for its locality prompt
+    (stop token included; "own": this call's generation, for the unedited model itself). With
+    it, `loc_tf_self` is the teacher-forced accuracy on those very tokens (no re-tokenisation),
+    so the unedited model scores exactly 100; `loc_tf` stays the reference's re-tokenised form.
+    Rows keep each locality generation's ids (`loc_generated`) to serve as that reference.
+    """
     if cfg.limit:
         records = records[: cfg.limit]
         loc_labels = None if loc_labels is None else loc_labels[: cfg.limit]
@@ -176,6 +213,22 @@ def evaluate_meg(
     continuations = runner.tokenizer.batch_decode(generated, skip_special_tokens=True)
     reuse = generated if cfg.reuse_generation else None
     tf = _tf_flags(runner, prompts, queries, neurons, cfg.tf_mode, reuse)
+    loc_idx = [i for i, q in enumerate(queries) if q.kind == "loc"]
+    self_flags = None
+    if loc_reference is not None and loc_idx:
+        own = [generated[i] for i in loc_idx]
+        refs = (
+            own
+            if isinstance(loc_reference, str)
+            else [loc_reference[queries[i].record] for i in loc_idx]
+        )
+        self_flags = _self_tf_flags(
+            runner,
+            [prompts[i] for i in loc_idx],
+            take_rows(neurons, np.asarray(loc_idx)),
+            refs,
+            own,
+        )
 
     rows = [{"id": r.id, "prompt": r.prompt, "target": r.target_new} for r in records]
     by_kind: dict[str, list[int]] = {k: [] for k in KINDS}
@@ -201,9 +254,55 @@ def evaluate_meg(
             row[f"{kind}_prediction"] = c
             row[f"{kind}_ag"] = bool(ok)
             row[f"{kind}_tf"] = float(np.mean(f))
+    for n, i in enumerate(loc_idx):
+        row = rows[queries[i].record]
+        row["loc_generated"] = list(generated[i])
+        if self_flags is not None:
+            row["loc_tf_self"] = float(np.mean(self_flags[n]))
+    if loc_labels is not None:
+        summary["empty_label_share"] = sum(not a for a in loc_labels) / max(len(loc_labels), 1)
     if all(k in summary for k in SIX):
         summary["score"] = meg_score(*(summary[k] for k in SIX))
+    if self_flags is not None:
+        summary["loc_tf_self"] = tf_accuracy(self_flags)
+        if "score" in summary:
+            readings = [summary[k] if k != "loc_tf" else summary["loc_tf_self"] for k in SIX]
+            summary["score_loc_tf_self"] = meg_score(*readings)
     return rows, summary
+
+
+def _self_tf_flags(
+    runner: ModelRunner,
+    prompts: Sequence[str],
+    neurons: Neuron,
+    references: Sequence[Sequence[int]],
+    generated: Sequence[Sequence[int]],
+) -> list[np.ndarray]:
+    """Per query, whether the model's argmax after prompt + reference[:k] is reference[k].
+
+    Token ids throughout (no re-tokenisation). Where the query's own greedy generation still
+    follows the reference up to k, its k-th token IS that argmax and is read off; only steps
+    after it left the reference cost a forward pass.
+    """
+    predicted: list[list[int | None]] = []
+    for ref, gen in zip(references, generated, strict=True):
+        ref, gen = list(ref), list(gen)
+        predicted.append(
+            [gen[k] if k < len(gen) and gen[:k] == ref[:k] else None for k in range(len(ref))]
+        )
+    todo = [(q, k) for q, row in enumerate(predicted) for k, v in enumerate(row) if v is None]
+    if todo:
+        prompt_ids = [runner.tokenizer(p)["input_ids"] for p in prompts]
+        argmax = runner.last_argmax(
+            [prompt_ids[q] + list(references[q][:k]) for q, k in todo],
+            take_rows(neurons, np.asarray([q for q, _ in todo])),
+        )
+        for (q, k), token in zip(todo, argmax, strict=True):
+            predicted[q][k] = token
+    return [
+        np.asarray([p == r for p, r in zip(row, ref, strict=True)])
+        for row, ref in zip(predicted, references, strict=True)
+    ]
 
 
 def evaluate_classic(

@@ -149,8 +149,11 @@ def setup_logging(verbosity: int) -> None:
         level=logging.INFO if verbosity > 0 else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s" if verbosity > 0 else "%(message)s",
         stream=sys.stdout,
+        force=True,  # imports (absl) may have configured the root logger already
     )
-    logging.getLogger("meg_jax").setLevel(logging.INFO)
+    # One line per stage (the pipeline's); the stages' own INFO lines only when asked.
+    logging.getLogger("meg_jax").setLevel(logging.INFO if verbosity > 0 else logging.WARNING)
+    logging.getLogger("meg_jax.pipeline").setLevel(logging.INFO)
     try:
         from absl import logging as absl_logging
 

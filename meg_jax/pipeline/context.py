@@ -171,6 +171,6 @@ class StageRun:
             "skip": "done earlier",
             "resume": "resumed",
             "extend": "extended",
-            "fresh": "trained",
+            "fresh": "ran",
         }
         log.info("%-10s %-12s %7.1f s  %s", self.name, what[self.verdict], seconds, figure)

@@ -18,6 +18,7 @@ from meg_jax.data.download import load_edits
 from meg_jax.data.locate import locate
 from meg_jax.data.preprocess import meg_preprocess_config, prepare_edits
 from meg_jax.data.records import DataFormatError, EditRecord
+from meg_jax.evaluation.evaluator import check_locality_labels
 from meg_jax.inference.editor import zero_editor
 from meg_jax.infra.files import write_json_atomic
 from meg_jax.infra.fingerprint import StageInputs, digest, file_digest, items_of
@@ -175,6 +176,8 @@ def run_edits_stage(ctx: RunContext) -> EditSet:
         return edits
     stage.start()
     edits = prepare(ctx, d.edits, d.n_edits, d.add)
+    if edits.locality_labels is not None:  # before any training: Loc must measure something
+        check_locality_labels(edits.locality_labels, d.edits, ctx.cfg.evaluation.max_empty_labels)
     write_json_atomic(path, edits.to_json())
     empty = sum(not a for a in edits.locality_labels or ())
     stage.finish(

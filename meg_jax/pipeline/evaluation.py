@@ -11,7 +11,12 @@ import dataclasses
 
 import numpy as np
 
-from meg_jax.evaluation.evaluator import KINDS, evaluate_classic, evaluate_meg
+from meg_jax.evaluation.evaluator import (
+    KINDS,
+    check_locality_labels,
+    evaluate_classic,
+    evaluate_meg,
+)
 from meg_jax.evaluation.report import format_comparison, write_report
 from meg_jax.inference.edited_model import build_meg_editor
 from meg_jax.inference.editor import MeGEditor, zero_editor
@@ -71,9 +76,15 @@ def run_evaluation_stage(ctx: RunContext, edits: EditSet, lineages: dict) -> dic
     host, runner = ctx.host(), ctx.runner()
     editor = build_meg_editor(ctx.workdir, ctx.manifest(), host, ctx.base_encoder(), ctx.mesh)
     records, labels = list(evaluated.records), evaluated.locality_labels
-    summaries = {}
+    if labels is not None:
+        check_locality_labels(labels, source, e.max_empty_labels)
+    summaries, reference = {}, "own"
     for name, edit_fn in (("unedited", zero_editor(host.config.d_model)), ("meg", editor)):
-        rows, summary = evaluate_meg(runner, records, ctx.template, edit_fn, labels, e)
+        rows, summary = evaluate_meg(
+            runner, records, ctx.template, edit_fn, labels, e, loc_reference=reference
+        )
+        # Loc TF on the unedited model's own tokens: its generation is the reference.
+        reference = [row.get("loc_generated", []) for row in rows]
         if e.classic:
             summary["classic"] = evaluate_classic(runner, records, edit_fn, ctx.cfg.data.kind)
         if name == "meg":
