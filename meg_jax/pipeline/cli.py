@@ -162,8 +162,35 @@ def setup_logging(verbosity: int) -> None:
         pass
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that describe bad input or a state to act on, each with a message saying what
+    and where: the command line prints the message alone, not a traceback."""
+    from meg_jax.checkpoints.errors import CheckpointError
+    from meg_jax.data.download import DatasetUnavailableError
+    from meg_jax.data.records import DataFormatError
+    from meg_jax.diffusion.train import NonFiniteTrainingError
+    from meg_jax.evaluation.evaluator import EmptyLabelsError
+    from meg_jax.infra.fingerprint import StageInputsChanged
+    from meg_jax.infra.runs import RestoreError
+    from meg_jax.pipeline.context import StageNotReady
+
+    return (
+        CheckpointError,
+        DatasetUnavailableError,
+        DataFormatError,
+        NonFiniteTrainingError,
+        EmptyLabelsError,
+        StageInputsChanged,
+        RestoreError,
+        StageNotReady,
+        FileNotFoundError,
+    )
+
+
 def main(argv: list[str], action) -> int:
-    """Parses `argv`, then calls `action(cfg)`; configuration errors exit 2 with one line."""
+    """Parses `argv`, then calls `action(cfg)`. A configuration error exits 2 and a user error
+    (bad input, changed inputs, diverged training) exits 1, each with one line; `--verbosity`
+    above 0 shows the traceback too."""
     initialize_if_multiprocess()  # first: jax.distributed must start before any device use
     try:
         cfg, verbosity = load_config(argv)
@@ -171,5 +198,11 @@ def main(argv: list[str], action) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     setup_logging(verbosity)
-    action(cfg)
+    try:
+        action(cfg)
+    except user_errors() as err:
+        if verbosity > 0:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
