@@ -199,10 +199,13 @@ def test_compaction_and_batching_change_no_fitted_weight(tiny):
     for batch, min_batch in ((4, 1), (4, 4), (1, 1)):
         cfg = CollectConfig(**FAST, batch_size=batch, min_batch=min_batch, check_every=3)
         banks.append(Collector(config, params, tok, cfg, exact_success).fit(EDITS))
+    # Batch sizes 4 and 1 run different matmul kernels; Adam's division by sqrt(v) carries the
+    # rounding differences along 60 steps to about 1e-5 on weights of scale 0.01-1. A row put in
+    # the wrong slot would be off by the whole fit (about 0.1).
     for other in banks[1:]:
         np.testing.assert_array_equal(other.success, banks[0].success)
-        np.testing.assert_allclose(other.weights, banks[0].weights, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(other.final_loss, banks[0].final_loss, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(other.weights, banks[0].weights, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(other.final_loss, banks[0].final_loss, rtol=1e-3, atol=1e-4)
 
 
 def test_sgd_reference_mode_runs_every_step(tiny):
@@ -243,3 +246,11 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
 def test_config_validation_names_the_field(changes, field):
     with pytest.raises(ValueError, match=f"CollectConfig.{field}"):
         CollectConfig(**changes)
+
+
+def test_fast_recipe_and_reference_defaults():
+    reference = CollectConfig()
+    assert (reference.optimizer, reference.learning_rate, reference.steps) == ("sgd", 0.5, 50)
+    assert not reference.early_stop and reference.schedule == "constant"
+    fast = CollectConfig.fast(batch_size=8)
+    assert fast.optimizer == "adam" and fast.early_stop and fast.batch_size == 8

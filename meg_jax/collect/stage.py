@@ -111,17 +111,16 @@ class CollectConfig:
         """The fast recipe measured by bench/collection.py (Adam, early stop, answer-only head)."""
         base = dict(
             optimizer="adam",
-            learning_rate=FAST_LR,
+            learning_rate=0.1,
             steps=50,
             early_stop=True,
             stop_loss=0.2,
+            check_every=1,
             batch_size=32,
+            min_batch=4,
             chunk_size=256,
         )
         return cls(**{**base, **overrides})
-
-
-FAST_LR = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,8 +219,9 @@ class Collector:
 
     def fit(self, edits: Sequence[EditToFit]) -> WeightBank:
         cfg, config = self.cfg, self.config
+        # Lengths rounded to 4, not 8: every padded position costs a full step of work.
         tokens, mask, targets, loss_mask = _training_batch(
-            self.tokenizer, edits, config.pad_token_id
+            self.tokenizer, edits, config.pad_token_id, bucket=4
         )
         index, answer_targets, weights = answer_positions(loss_mask, targets)
         data = {
