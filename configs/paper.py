@@ -325,7 +325,7 @@ def _shrink(c: ml_collections.ConfigDict, model: str, dataset: str, v) -> None:
         bank = str(candidate) if candidate.is_file() else ""
     c.collect.bank = bank
     fit = c.collect.fit
-    fit.update(steps=4, retry_steps=min(fit.retry_steps, 2), batch_size=4, min_batch=4)
+    fit.update(steps=4, retry_steps=min(fit.get("retry_steps", 0), 2), batch_size=4, min_batch=4)
     fit.update(chunk_size=16, max_new_tokens=4, check_every=2)
     c.generator.dit_preset = "tiny"
     tiny_steps = {"num_steps": 4, "eval_every": 2, "checkpoint_every": 2, "batch_size": 0}
