@@ -3,13 +3,9 @@ model's own tokens (100 for the unedited model by construction, lower once edite
 
 import numpy as np
 import pytest
-from hf_tiny import tiny_llama
-from test_evaluator import _random_editor
-from transformers import AutoTokenizer
+from test_evaluator import _random_editor, setup  # noqa: F401 (the fixture)
 
-from meg_jax.checkpoints.hf_decoder import load_hf_decoder
 from meg_jax.data.preprocess import pre_edit_answers
-from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
 from meg_jax.evaluation.evaluator import (
     EmptyLabelsError,
@@ -20,20 +16,13 @@ from meg_jax.evaluation.evaluator import (
 from meg_jax.inference.editor import zero_editor
 from meg_jax.inference.runner import ModelRunner
 
-GPT2_VOCAB = 50257
+GPT2_VOCAB = 50257  # the tokenizer's vocabulary
 
 
 @pytest.fixture(scope="module")
-def setup(shared_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama(path, vocab=GPT2_VOCAB)
-    config, params = load_hf_decoder(
-        path, neuron_layer=1, eos_token_ids=(50256,), pad_token_id=50256
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
-        shared_data / "tokenizers" / "gpt2", local_files_only=True
-    )
-    records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=6)
+def loc_setup(setup):  # noqa: F811 (the imported fixture)
+    """test_evaluator's tiny Llama and records, with the unedited model's locality labels."""
+    config, params, tokenizer, records, _ = setup
     runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
     template = get_template("gptj")
     zero = zero_editor(config.d_model)
@@ -46,8 +35,8 @@ def setup(shared_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode", ["reference", "fast"])
-def test_unedited_model_scores_100_on_every_token_level_loc_reading(setup, mode):
-    config, runner, records, template, labels = setup
+def test_unedited_model_scores_100_on_every_token_level_loc_reading(loc_setup, mode):
+    config, runner, records, template, labels = loc_setup
     cfg = EvalConfig(batch_size=4, max_new_tokens=8, tf_mode=mode, max_empty_labels=1.0)
     rows, summary = evaluate_meg(
         runner, records, template, zero_editor(config.d_model), labels, cfg, loc_reference="own"
@@ -64,8 +53,8 @@ def test_unedited_model_scores_100_on_every_token_level_loc_reading(setup, mode)
     assert "score_loc_tf_self" in edited and "loc_tf" in edited
 
 
-def test_self_tf_reads_forward_passes_where_the_generation_left_the_reference(setup):
-    config, runner, records, template, labels = setup
+def test_self_tf_reads_forward_passes_where_the_generation_left_the_reference(loc_setup):
+    config, runner, records, template, labels = loc_setup
     cfg = EvalConfig(batch_size=4, max_new_tokens=8, max_empty_labels=1.0)
     rows, _ = evaluate_meg(runner, records, template, zero_editor(config.d_model), labels, cfg)
     # A reference the model did not generate: its first token replaced everywhere.

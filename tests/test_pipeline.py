@@ -12,8 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from hf_tiny import tiny_llama
-from transformers import AutoTokenizer
+from tiny_run import make_given_bank, make_tiny_host, tiny_run_config
 
 import meg_jax
 from meg_jax.collect.bank import WeightBank, load_bank, save_bank
@@ -24,72 +23,25 @@ from meg_jax.pipeline import pipeline_config, run
 from meg_jax.pipeline.collection import edits_to_fit
 from meg_jax.pipeline.context import StageNotReady
 
-GPT2_VOCAB = 50257
 N_EDITS = 6
 N_BANK = 9  # the given bank covers the edits of the extension too
 
 
 @pytest.fixture(scope="module")
 def tiny_host(shared_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("host")
-    tiny_llama(path, vocab=GPT2_VOCAB)
-    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2", local_files_only=True)
-    tok.save_pretrained(path)
-    config = json.loads((path / "config.json").read_text())
-    config.update(eos_token_id=50256, bos_token_id=50256, pad_token_id=50256)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
+    return make_tiny_host(tmp_path_factory.mktemp("host"), shared_data)
 
 
 @pytest.fixture(scope="module")
 def given_bank(shared_data, tmp_path_factory):
-    """Random neurons for the first N_BANK edits, in the bank layout, all marked fitted."""
-    records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=N_BANK)
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("bank") / "given_bank.npz"
-    save_bank(
-        WeightBank(
-            np.asarray([r.id for r in records], np.int64),
-            rng.normal(size=(N_BANK, 128)).astype(np.float32) * 0.1,
-            np.ones(N_BANK, bool),
-            np.zeros(N_BANK, np.float32),
-            np.zeros(128, np.float32),
-        ),
-        path,
-    )
-    return path
+    return make_given_bank(tmp_path_factory.mktemp("bank") / "given_bank.npz", shared_data, N_BANK)
 
 
 def _config(shared_data, host, bank, workdir, **changes):
-    cf = shared_data / "counterfact"
-    config = {
-        "workdir": str(workdir),
-        "evaluate": True,
-        "host": {"name": str(host), "neuron_layer": 1, "template": "gptj"},
-        "data": {
-            "edits": str(cf / "counterfact-edit.json"),
-            "n_edits": N_EDITS,
-            "pseudo": str(cf / "counterfact-train.json"),
-            "n_pseudo_pairs": 64,
-            "n_val_pairs": 16,
-            "n_calibration": 16,
-        },
-        "encoder": {"infonce": {"num_steps": 4, "eval_every": 2, "batch_size": 32}},
-        "router": {
-            "train": {"num_epochs": 20, "batch_size": 32, "save_every": 10},
-            "extend_epochs": 5,
-        },
-        "collect": {"bank": str(bank)},
-        "generator": {
-            "preset": "fast",
-            "dit_preset": "tiny",
-            "overrides": {"train": {"num_steps": 20, "eval_every": 10, "checkpoint_every": 10}},
-            "extend_steps": 10,
-        },
-        "evaluation": {"batch_size": 8, "tf_mode": "fast"},
-    }
+    """The tiny run's config; `a__b=value` changes field a.b."""
+    config = tiny_run_config(shared_data, host, bank, workdir, N_EDITS)
     for dotted, value in changes.items():
-        node, *path, last = ["root", *dotted.split("__")]
+        *path, last = dotted.split("__")
         node = config
         for part in path:
             node = node[part]
@@ -202,9 +154,13 @@ def test_changed_inputs_stop_each_stage_with_the_ways_out(
     # Fewer edits is not an extension.
     with pytest.raises(StageInputsChanged, match="removed"):
         run(_config(shared_data, tiny_host, given_bank, cfg.workdir, data__n_edits=N_EDITS - 1))
-    # One stage alone needs the others finished for the same inputs.
+    # One stage alone needs the stages before it finished for the same inputs, and runs none
+    # after it.
     with pytest.raises(StageNotReady, match="--config.stage=edits"):
         run(_config(shared_data, tiny_host, given_bank, tmp_path / "empty", stage="router"))
+    assert run(_config(shared_data, tiny_host, given_bank, tmp_path / "one", stage="edits")) == {}
+    assert _records(tmp_path / "one", "edits").finished
+    assert not (tmp_path / "one" / "encoder").exists()
 
 
 def test_adding_edits_extends_every_stage(shared_data, tiny_host, given_bank, tmp_path):

@@ -12,15 +12,9 @@ matching) lives with the prompt templates, in `meg_jax.data.answers`.
 
 Axes: B batch, T tokens, V vocabulary.
 
-AG post-processing, exactly as the reference (`evaluate_*_self_and_tf_parallel.py`):
-  Rel/Gen: cut the decoded continuation at each of the template's `answer_cuts` in order
-    (GPT-J: first backslash, then first newline); strip trailing whitespace; drop one trailing
-    "." (the reference's `adjust_dots`: ".." keeps one dot). Correct iff
-    `prediction.lower() == (" " + target).lower()`; the lenient variant (the reference's
-    baseline path) is `prediction.lower().startswith((" " + target).lower())`.
-  Loc: cut at the template's `locality_cuts`, then `.strip().rstrip(".")` (all trailing dots).
-    Correct iff equal, case-sensitively, to the stored pre-edit answer, which is the unedited
-    model's continuation processed by the same function (`meg_jax.data.preprocess`).
+Loc AG is correct iff the processed prediction equals, case-sensitively, the stored pre-edit
+answer, which is the unedited model's continuation processed by the same function
+(`meg_jax.data.preprocess`); Rel/Gen AG by `meg_jax.data.answers.answer_matches`.
 """
 
 from collections.abc import Sequence

@@ -20,8 +20,8 @@ from meg_jax.pipeline.edits import EditSet
 
 def run_generator_stage(
     ctx: RunContext, edits: EditSet, bank: WeightBank, encoder: TextEncoder, lineages: dict
-) -> dict:
-    """Trains (resumes, extends or skips) the generator; returns its stage summary."""
+) -> tuple[dict, str]:
+    """Trains (resumes, extends or skips) the generator; returns (its summary, its lineage)."""
     g = ctx.cfg.generator
     gen_cfg = g.build()
     inputs = StageInputs(
@@ -33,7 +33,7 @@ def run_generator_stage(
     if stage.skip:
         summary = stage.summary()
         stage.report(_figure(summary))
-        return summary
+        return summary, inputs.lineage
     stage.start()
     conditions = encoder.with_view(template=ctx.template.query).encode(
         [r.prompt for r in edits.records]
@@ -58,7 +58,7 @@ def run_generator_stage(
     write_json_atomic(stage.folder / "generator.json", {"config": dataclasses.asdict(gen_cfg)})
     summary = {"steps": result.step, "stopped": result.stopped, "criterion": result.criterion}
     stage.finish(summary, _figure(summary))
-    return summary
+    return summary, inputs.lineage
 
 
 def _figure(summary: dict) -> str:

@@ -1,6 +1,6 @@
 """The whole MeG run: each stage in MeG's order (ARCHITECTURE.md), each skipping, resuming or
-extending from what the work directory records. `cfg.stage` runs one stage, the others must be
-finished for the same inputs (their artefacts are read)."""
+extending from what the work directory records. `cfg.stage` runs that stage alone: the stages
+before it must be finished for the same inputs (their artefacts are read), none after it runs."""
 
 import dataclasses
 
@@ -16,15 +16,23 @@ from meg_jax.pipeline.query_side import run_encoder_stage, run_router_stage
 
 def run(cfg: PipelineConfig, evaluate: bool | None = None) -> dict:
     """Runs (or resumes) the stages; returns the evaluation summaries when it evaluates, else
-    the training stages' lineage ids. `evaluate` overrides `cfg.evaluate`."""
+    the finished stages' lineage ids. `evaluate` overrides `cfg.evaluate`."""
     ctx = RunContext.create(cfg)
     write_json_atomic(ctx.workdir / "config.json", dataclasses.asdict(cfg))
     edits = run_edits_stage(ctx)
-    encoder, encoder_id = run_encoder_stage(ctx)
-    _, router_id = run_router_stage(ctx, edits, encoder, encoder_id)
-    bank, collect_id = run_collect_stage(ctx, edits)
-    lineages = {"encoder": encoder_id, "router": router_id, "collect": collect_id}
-    run_generator_stage(ctx, edits, bank, encoder, lineages)
+    lineages: dict = {}
+    if cfg.stage == "edits":
+        return lineages
+    encoder, lineages["encoder"] = run_encoder_stage(ctx)
+    if cfg.stage == "encoder":
+        return lineages
+    _, lineages["router"] = run_router_stage(ctx, edits, encoder, lineages["encoder"])
+    if cfg.stage == "router":
+        return lineages
+    bank, lineages["collect"] = run_collect_stage(ctx, edits)
+    if cfg.stage == "collect":
+        return lineages
+    _, lineages["generator"] = run_generator_stage(ctx, edits, bank, encoder, dict(lineages))
     ctx.manifest().write(ctx.workdir)
     if evaluate if evaluate is not None else (cfg.evaluate or cfg.stage == "evaluation"):
         return run_evaluation_stage(ctx, edits, lineages)
