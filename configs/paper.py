@@ -4,6 +4,8 @@ Each of those files is one line over `paper_config(model, dataset, variant)`; th
 
     n=1024|2048|4096|10000   the number of edits (the paper's four scales; default 1024)
     generator=reference|fast the generator recipe (`meg_jax.diffusion.config.GENERATOR_PRESETS`)
+    gen_batch=N              the generator's minibatch (default: the reference's, at most 1024;
+                             lower it where `python -m meg_jax.plan` finds it too big)
     calibrate=true|false     false: gate with the reference's entropy threshold instead of ours
     dtype=bfloat16|float16|float32   the host's dtype (the paper: float16; TPUs: bfloat16)
     tiny                     the same code path on a tiny random model of the same architecture
@@ -143,6 +145,7 @@ GENERATOR_BATCH = {
     ("llama3", "zsre"): (255, 255),
     ("llama3", "counterfact"): (255, 255),
 }
+MAX_GENERATOR_BATCH = 1024
 # §4.4: the epoch of the checkpoint the reference evaluates (Phi-2: 30000, GPT-J: 50000; none
 # is named for Llama-3, which gets GPT-J's); training stops earlier at the criterion.
 GENERATOR_EPOCHS = {"gptj": 50_000, "phi2": 30_000, "llama3": 50_000}
@@ -188,6 +191,7 @@ def paper_config(model: str, dataset: str, arg: str | None = None) -> ml_collect
         calibrate=True,
         dtype="bfloat16",
         tiny=False,
+        gen_batch=0,
         host="",
         bank="",
     )
@@ -261,7 +265,7 @@ def paper_config(model: str, dataset: str, arg: str | None = None) -> ml_collect
     c.generator = dict(
         preset=v.generator,
         dit_preset="DiT-B",
-        overrides=_generator_overrides(key, v.n, v.generator),
+        overrides=_generator_overrides(key, v.n, v.generator, v.gen_batch),
     )
     # AG reads at most 20 new tokens (§1.3). Phi-2's reference generates to 200 tokens in all
     # with no cut; a continuation longer than 20 tokens cannot equal a short target either way.
@@ -271,8 +275,12 @@ def paper_config(model: str, dataset: str, arg: str | None = None) -> ml_collect
     return c
 
 
-def _generator_overrides(key, n: int, preset: str) -> dict:
-    batch = GENERATOR_BATCH[key][1 if n == 10000 else 0]
+def _generator_overrides(key, n: int, preset: str, given_batch: int) -> dict:
+    # The reference's global batch of 5000 (1000 per GPU) plans at 462 GiB of activations on one
+    # device with DiT-B (57 GiB per chip of a v5e-8): no device set holds it, so the batch is at
+    # most 1024, the reference's per-GPU share rounded to a power of two.
+    batch = min(GENERATOR_BATCH[key][1 if n == 10000 else 0], MAX_GENERATOR_BATCH)
+    batch = given_batch or batch  # the number of epochs stays, so steps follow the batch
     per_epoch = math.ceil(n / batch)
     # Mixed precision as the reference's fp16 autocast: bfloat16 compute, float32 parameters.
     dit = {"compute_dtype": "bfloat16"}
