@@ -46,6 +46,7 @@ def one(method: str, n: int, out: Path) -> None:
     from meg_jax.evaluation.evaluator import EvalConfig, evaluate_classic, evaluate_meg
     from meg_jax.inference.editor import zero_editor
     from meg_jax.inference.runner import ModelRunner
+    from meg_jax.infra.files import write_json_atomic
 
     spec = importlib.util.spec_from_file_location(
         "cfg", common.REPO / "configs/baseline_smollm2.py"
@@ -86,7 +87,7 @@ def one(method: str, n: int, out: Path) -> None:
     )
     result["classic"] = evaluate_classic(runner, records, zero, "counterfact")
     result["eval_seconds"] = time.perf_counter() - start
-    out.write_text(json.dumps(result, default=float))
+    write_json_atomic(out, json.loads(json.dumps(result, default=float)))
 
 
 def plot(methods: dict, path: Path) -> None:
@@ -133,6 +134,10 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--one", method, str(n), str(out)]
                 subprocess.run(cmd, check=True)
             runs.setdefault(method, {})[str(n)] = json.loads(out.read_text())
+    # Runs of other edit counts finished earlier (e.g. only some methods had time for them).
+    for out in sorted(WORK.glob("result-*-*.json")):
+        method, n = out.stem.split("-")[1:]
+        runs.setdefault(method, {}).setdefault(n, json.loads(out.read_text()))
     methods = {}
     for method, by_n in runs.items():
         methods[method] = {
