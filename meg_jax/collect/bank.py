@@ -20,6 +20,10 @@ from meg_jax.infra.files import write_bytes_atomic
 _FIELDS = ("case_id", "weights", "success", "final_loss", "init")
 
 
+class BankError(ValueError):
+    """A bank file that cannot be used: unreadable, incomplete or holding non-finite fits."""
+
+
 @dataclasses.dataclass
 class WeightBank:
     """Fitted neurons and their bookkeeping; `weights` rows of failed fits are NaN."""
@@ -87,12 +91,12 @@ def load_bank(path) -> WeightBank:
     except FileNotFoundError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
-        raise ValueError(
+        raise BankError(
             f"{path}: not a readable weight bank ({type(err).__name__}: {err}); {remedy}"
         ) from err
     missing = [f for f in _FIELDS if f not in arrays]
     if missing:
-        raise ValueError(
+        raise BankError(
             f"{path}: weight bank lacks field(s) {missing}; has {sorted(arrays)}; {remedy}"
         )
     bank = WeightBank(
@@ -116,12 +120,12 @@ def check_finite(bank: WeightBank, where) -> None:
     if bad.any():
         ids = bank.case_id[bad].tolist()
         shown = ", ".join(str(i) for i in ids[:10]) + (" ..." if len(ids) > 10 else "")
-        raise ValueError(
+        raise BankError(
             f"{where}: {len(ids)} weight-bank row(s) marked successful hold NaN or inf "
             f"(case ids {shown}); the bank is damaged: delete it and rerun the collection stage"
         )
     if not np.isfinite(bank.init).all():
-        raise ValueError(
+        raise BankError(
             f"{where}: the bank's shared initial neuron 'init' holds NaN or inf; the bank is "
             "damaged: delete it and rerun the collection stage"
         )

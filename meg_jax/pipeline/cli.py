@@ -166,6 +166,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """The errors that describe bad input or a state to act on, each with a message saying what
     and where: the command line prints the message alone, not a traceback."""
     from meg_jax.checkpoints.errors import CheckpointError
+    from meg_jax.collect.bank import BankError
     from meg_jax.data.download import DatasetUnavailableError
     from meg_jax.data.records import DataFormatError
     from meg_jax.diffusion.train import NonFiniteTrainingError
@@ -175,6 +176,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from meg_jax.pipeline.context import StageNotReady
 
     return (
+        BankError,
         CheckpointError,
         DatasetUnavailableError,
         DataFormatError,

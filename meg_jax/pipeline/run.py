@@ -4,6 +4,7 @@ before it must be finished for the same inputs (their artefacts are read), none 
 
 import dataclasses
 
+from meg_jax.collect.bank import load_bank
 from meg_jax.infra.files import write_json_atomic
 from meg_jax.pipeline.collection import run_collect_stage
 from meg_jax.pipeline.config import PipelineConfig
@@ -19,6 +20,8 @@ def run(cfg: PipelineConfig, evaluate: bool | None = None) -> dict:
     the finished stages' lineage ids. `evaluate` overrides `cfg.evaluate`."""
     ctx = RunContext.create(cfg)
     write_json_atomic(ctx.workdir / "config.json", dataclasses.asdict(cfg))
+    if cfg.collect.bank:
+        load_bank(cfg.collect.bank)  # a damaged given bank fails before anything is trained
     edits = run_edits_stage(ctx)
     lineages: dict = {}
     if cfg.stage == "edits":
