@@ -201,7 +201,7 @@ def test_tiny_variant_trains_then_evaluates(model, dataset, tiny_hosts, tmp_path
     assert cfg.data.kind == dataset and cfg.generator.dit_preset == "tiny"
     assert cfg.router.train.threshold == ROUTER[model, dataset][0]
     lineages = run(cfg, evaluate=False)  # python -m meg_jax.train
-    assert set(lineages) == {"encoder", "router", "collect"}
+    assert {"encoder", "router", "collect"} <= set(lineages)
     summaries = evaluate(cfg)  # python -m meg_jax.evaluate
     assert summaries["unedited"]["loc_ag"] == 100.0  # the unedited model agrees with itself
     assert summaries["meg"]["n_records"] == cfg.data.n_edits
