@@ -68,9 +68,7 @@ def _forward(cfg, params, tokens, mask):
 def tiny_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharding")
     llama = hf_tiny.tiny_llama(root / "llama", vocab=VOCAB)[1]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hf_tiny, "VOCAB", VOCAB)  # tiny_gptj takes no vocab argument
-        gptj = hf_tiny.tiny_gptj(root / "gptj")[1]
+    gptj = hf_tiny.tiny_gptj(root / "gptj", vocab=VOCAB)[1]
     return {"llama": str(llama), "gptj": str(gptj)}
 
 
