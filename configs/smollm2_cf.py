@@ -1,10 +1,11 @@
 """MeG on the embedded default host: SmolLM2-135M-Instruct (GGUF, CPU) with CounterFact.
 
-Variants: `configs/smollm2_cf.py:n=256` sets the number of edits; `:smoke` is a minutes-long
-run of every stage on 16 edits. The edit and pseudo-edit files are the EasyEdit CounterFact edit
-split and its disjoint train split, found under the data directory (`$MEG_JAX_DATA` or
-../shared/data, see `meg_jax.data.locate`); point `data.edits` at any other file or dataset name.
-`data.add=FILE` (or a larger `n`) extends a trained work directory with more facts.
+Variants: `configs/smollm2_cf.py:n=1024` sets the number of edits (default 256); `:smoke` is a
+minutes-long run of every stage on 16 edits. The edit and pseudo-edit files are the EasyEdit
+CounterFact edit split and its disjoint train split, found under the data directory
+(`$MEG_JAX_DATA` or ../shared/data, see `meg_jax.data.locate`); point `data.edits` at any other
+file or dataset name. `data.add=FILE` (or a larger `n`) extends a trained work directory
+with more facts.
 
 Choices for SmolLM2 (METHOD.md §3.3b): the neuron sits at layer 14 as the shared reference bank;
 the Llama form is a linear unit; with a true reset per edit the reference's Llama lr (0.02)
@@ -30,7 +31,7 @@ from meg_jax.infra.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    v = parse_arg(arg, n=64, smoke=False)
+    v = parse_arg(arg, n=256, smoke=False)
     smoke = v.smoke
     c = ml_collections.ConfigDict()
     c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "")
