@@ -38,10 +38,11 @@ from torch_reference import torch_llama
 
 from meg_jax.checkpoints.hosts import load_host
 from meg_jax.collect.fit import answer_positions, fit_steps, init_state, torch_linear_init
-from meg_jax.collect.stage import CollectConfig, Collector, EditToFit, _training_batch
+from meg_jax.collect.stage import CollectConfig, Collector, _training_batch
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
 from meg_jax.evaluation.metrics import answer_ag_correct
+from meg_jax.pipeline.collection import edits_to_fit
 
 LAYER = 14
 
@@ -204,15 +205,7 @@ def main():
     )
     template = get_template("smollm2")
     records = read_edits(SHARED / "counterfact" / "counterfact-edit.json", limit=args.edits)
-    edits = [
-        EditToFit(
-            r.id,
-            template.format_query(r.prompt),
-            template.format_answer(r.target_new),
-            r.target_new,
-        )
-        for r in records
-    ]
+    edits = edits_to_fit(records, template)
 
     def success_fn(texts, targets):
         return answer_ag_correct(texts, targets, template.answer_cuts, "exact")

@@ -25,8 +25,11 @@ Under the Llama-3 short-answer form SmolLM2 answers most neighbourhood prompts w
 end of text, so Loc compared "" with ""; under the chat form its answers are sentences.
 """
 
+import dataclasses
+
 import ml_collections
 
+from meg_jax.collect.stage import CollectConfig
 from meg_jax.infra.config import parse_arg
 
 
@@ -56,18 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
     )
     c.router = dict(train=dict(num_epochs=60 if smoke else 300, batch_size=256))
-    c.collect = dict(
-        fit=dict(
-            optimizer="adam",
-            learning_rate=0.1,
-            steps=50,
-            early_stop=True,
-            stop_loss=0.2,
-            check_every=1,
-            batch_size=32,
-            chunk_size=64,
-        )
-    )
+    c.collect = dict(fit=dataclasses.asdict(CollectConfig.fast(chunk_size=64)))
     c.generator = dict(preset="fast")
     if smoke:
         c.generator.overrides = dict(

@@ -10,10 +10,11 @@ import pytest
 
 from meg_jax.collect.bank import WeightBank, load_bank, save_bank
 from meg_jax.collect.fit import learning_rate_schedule
-from meg_jax.collect.stage import CollectConfig, Collector, EditToFit, collect_bank
+from meg_jax.collect.stage import CollectConfig, Collector, collect_bank
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
 from meg_jax.evaluation.metrics import answer_ag_correct
+from meg_jax.pipeline.collection import edits_to_fit
 
 
 def test_fit_matches_reference_bank_and_resumes(shared_data, tmp_path):
@@ -28,15 +29,7 @@ def test_fit_matches_reference_bank_and_resumes(shared_data, tmp_path):
     reference = load_bank(bank_path)
     template = get_template("smollm2")
     records = read_edits(shared_data / "counterfact" / "counterfact-edit.json", limit=3)
-    edits = [
-        EditToFit(
-            r.id,
-            template.format_query(r.prompt),
-            template.format_answer(r.target_new),
-            r.target_new,
-        )
-        for r in records
-    ]
+    edits = edits_to_fit(records, template)
     collector = Collector(
         config,
         params,
