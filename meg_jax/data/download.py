@@ -9,6 +9,10 @@ Known names and their files on the ROME/MEMIT data host (https://rome.baulab.inf
 | `counterfact`       | `counterfact.json`        | ROME CounterFact |
 | `multi_counterfact` | `multi_counterfact.json`  | ROME CounterFact |
 
+and the EasyEdit split of CounterFact the default config edits (`counterfact_edit`,
+`counterfact_train`: `counterfact-edit.json`, `counterfact-train.json` of the public
+KnowledgeSpread repository at a fixed commit; see `EASYEDIT_CF`).
+
 A named file is downloaded once into `cache_dir` (default `$MEG_JAX_CACHE/datasets`, else
 `~/.cache/meg_jax/datasets`) and read from there afterwards. The download is checked to be JSON
 before it is written (atomically), so a proxy's HTML error page never poisons the cache. Without
@@ -36,11 +40,20 @@ from meg_jax.data.records import DEFAULT_MAX_CHARS, EditRecord
 from meg_jax.infra.files import write_bytes_atomic
 
 DATA_HOST = "https://rome.baulab.info/data/dsets/"
+# The EasyEdit CounterFact split (one paraphrase and one neighbourhood prompt per case), as the
+# project's default config uses it, from the repository ../shared/data copied it from, at a commit.
+EASYEDIT_CF = (
+    "https://raw.githubusercontent.com/Jometeorie/KnowledgeSpread/"
+    "d1a8d1ed5367e66010d4d9b081ab388b46c2438c/data/counterfact/"
+)
+# A name's file on DATA_HOST, or its full URL.
 KNOWN_DATASETS = {
     "zsre_eval": "zsre_mend_eval.json",
     "zsre_train": "zsre_mend_train.json",
     "counterfact": "counterfact.json",
     "multi_counterfact": "multi_counterfact.json",
+    "counterfact_edit": EASYEDIT_CF + "counterfact-edit.json",
+    "counterfact_train": EASYEDIT_CF + "counterfact-train.json",
 }
 # SHA-256 of the canonical files; None: not known yet, recorded on first download instead.
 KNOWN_SHA256: dict[str, str | None] = {name: None for name in KNOWN_DATASETS}
@@ -112,9 +125,9 @@ def dataset_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Local path of known dataset `name`, downloading it on first use."""
     if name not in KNOWN_DATASETS:
         raise ValueError(f"unknown dataset name {name!r}; known: {sorted(KNOWN_DATASETS)}")
-    filename = KNOWN_DATASETS[name]
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / filename
-    url = DATA_HOST + filename
+    source = KNOWN_DATASETS[name]
+    url = source if "://" in source else DATA_HOST + source
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / url.rsplit("/", 1)[1]
     if path.is_file():
         _check_cached(name, path, url)
         return path
@@ -143,7 +156,7 @@ def dataset_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         )
     write_bytes_atomic(path, data)
     if expected is None:
-        write_bytes_atomic(_record_path(path), f"{actual}  {filename}\n".encode())
+        write_bytes_atomic(_record_path(path), f"{actual}  {path.name}\n".encode())
         log.info("%s: downloaded from %s, SHA-256 %s recorded", path, url, actual)
     return path
 

@@ -19,6 +19,8 @@ _CHECKOUT = Path(__file__).resolve().parents[2]
 
 # Names under the data directory that have a canonical download.
 CANONICAL = {
+    "counterfact/counterfact-edit.json": "counterfact_edit",
+    "counterfact/counterfact-train.json": "counterfact_train",
     "counterfact/counterfact.json": "counterfact",
     "counterfact/multi_counterfact.json": "multi_counterfact",
     "zsre/zsre_mend_eval.json": "zsre_eval",
