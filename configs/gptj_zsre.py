@@ -14,12 +14,9 @@ the dataset's MEND rephrase. Edits from zsre_mend_eval.json (the paper merges it
 zsre_mend_train_10000.json: pass the merged file as --config.data.edits).
 """
 
-import importlib.util
-from pathlib import Path
+from meg_jax.infra.config import load_sibling
 
-_spec = importlib.util.spec_from_file_location("_meg_paper", Path(__file__).with_name("paper.py"))
-_paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_paper)
+_paper = load_sibling(__file__, "paper.py")
 
 
 def get_config(arg: str | None = None):

@@ -12,12 +12,9 @@ first, see configs/paper.py); router threshold 0.6 (reference) or calibrated.
 CounterFact: the MEMIT split multi_counterfact.json; the first N edited, the last 2000 pseudo-edits.
 """
 
-import importlib.util
-from pathlib import Path
+from meg_jax.infra.config import load_sibling
 
-_spec = importlib.util.spec_from_file_location("_meg_paper", Path(__file__).with_name("paper.py"))
-_paper = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_paper)
+_paper = load_sibling(__file__, "paper.py")
 
 
 def get_config(arg: str | None = None):

@@ -71,3 +71,18 @@ def parse_arg(arg: str | None, **defaults):
         else:
             out[key] = type(defaults[key])(value)
     return out
+
+
+def load_sibling(config_file: str, name: str):
+    """The module `name` beside `config_file` (a config file's shared tables, e.g. paper.py).
+
+    Config files are loaded by path, not as a package, so they cannot import each other.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(config_file).with_name(name)
+    spec = importlib.util.spec_from_file_location(f"_meg_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
