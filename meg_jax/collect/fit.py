@@ -41,6 +41,16 @@ def torch_linear_init(config: LMConfig, seed: int) -> Neuron:
     )
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
+def hidden_before(config: LMConfig, params, tokens: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """[B, T, D] the residual stream entering the neuron layer (frozen layers, run once per edit).
+
+    One compiled program (not op-by-op dispatch), so on a mesh the layers run under the
+    placement of `params` ("model") and of the token batch ("data").
+    """
+    return Decoder(config).apply({"params": params}, tokens, mask, method=Decoder.hidden_before)
+
+
 def answer_loss(config: LMConfig, params, hidden, mask, targets, loss_mask, neuron) -> jnp.ndarray:
     """[B] mean cross-entropy of each edit's answer tokens, from the neuron layer's input.
 

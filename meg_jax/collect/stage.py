@@ -18,6 +18,13 @@ layer up, logits at the answer positions only). Each slot is at its own step; be
 the running fits are compacted into B/2, B/4, ... slots. Rows never interact, so none of this
 changes a fitted neuron. The bank is saved after every chunk of edits, so an interrupted run
 resumes from the last saved chunk without refitting anything.
+
+On a mesh (`Collector(..., mesh=)`), the host's weights are placed by the decoder partition
+rules (split over "model", replicated over "data") and everything with a slot axis (token
+batches, the hidden states, the neurons, Adam's moments, the per-row counters) is split over
+"data": each data shard of devices fits its own B / data slots, with no communication between
+shards beyond what the "model" split needs. The slot count is rounded up to a multiple of the
+data size, and compaction only goes to slot counts that stay such multiples.
 """
 
 import dataclasses
@@ -28,6 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from meg_jax.collect.bank import WeightBank, load_bank, save_bank
@@ -35,12 +43,14 @@ from meg_jax.collect.fit import (
     FitState,
     answer_positions,
     fit_steps,
+    hidden_before,
     init_state,
     learning_rate_schedule,
     torch_linear_init,
 )
+from meg_jax.infra.distributed import device_put_global, gather_to_host
+from meg_jax.infra.sharding import DECODER_RULES, param_shardings, shard_batch
 from meg_jax.models.config import LMConfig
-from meg_jax.models.decoder import Decoder
 from meg_jax.models.generate import greedy_generate, left_pad
 from meg_jax.models.neuron import Neuron, flatten_neuron, unflatten_neuron
 
@@ -164,11 +174,32 @@ class Collector:
     `check_every` steps, finished fits leave and waiting edits take their slots, and once none
     waits the running fits are compacted into fewer slots. A fit's trajectory depends only on
     its own edit, so batching, slot order and compaction change no fitted neuron.
+
+    With `mesh`, the host weights go on its "model" axis and the slots on its "data" axis
+    (module docstring); `width` is then `cfg.batch_size` rounded up to a multiple of the data
+    size. Without one, everything runs on the default device, as before.
     """
 
-    def __init__(self, config: LMConfig, params, tokenizer, cfg: CollectConfig, success_fn):
-        self.config, self.params, self.tokenizer, self.cfg = config, params, tokenizer, cfg
+    def __init__(
+        self,
+        config: LMConfig,
+        params,
+        tokenizer,
+        cfg: CollectConfig,
+        success_fn,
+        mesh: Mesh | None = None,
+    ):
+        self.config, self.tokenizer, self.cfg = config, tokenizer, cfg
         self.success_fn = success_fn
+        self.mesh = mesh
+        self.shards = 1 if mesh is None else int(mesh.shape["data"])
+        # Already placed by these rules (the pipeline loads the host so): device_put keeps them.
+        self.params = (
+            params
+            if mesh is None
+            else device_put_global(params, param_shardings(mesh, DECODER_RULES, params))
+        )
+        self.width = -(-cfg.batch_size // self.shards) * self.shards
         if cfg.init_from_bank:
             init = load_bank(cfg.init_from_bank).init
             self.init = unflatten_neuron(
@@ -191,7 +222,7 @@ class Collector:
     def _answers(self, edits: Sequence[EditToFit], neuron: Neuron) -> np.ndarray:
         """[N] the greedy success test, run B at a time (the last batch padded to B rows)."""
         prompts = [self.tokenizer(e.query)["input_ids"] for e in edits]
-        batch = self.cfg.batch_size
+        batch = self.width
         out = []
         for b in range(0, len(edits), batch):
             rows = prompts[b : b + batch]
@@ -199,19 +230,43 @@ class Collector:
             rows = rows + [rows[-1]] * (batch - n)
             take = np.minimum(np.arange(b, b + batch), len(edits) - 1)
             tokens, mask = left_pad(rows, self.config.pad_token_id)
+            tokens, mask, rows_neuron = self._place(
+                (tokens, mask, Neuron(*(np.asarray(x)[take] for x in neuron)))
+            )
             generated = greedy_generate(
                 self.config,
                 self.params,
-                jnp.asarray(tokens),
-                jnp.asarray(mask),
-                Neuron(*(x[take] for x in neuron)),
+                tokens,
+                mask,
+                rows_neuron,
                 max_new_tokens=self.cfg.max_new_tokens,
                 stop_ids=self.stop_ids,
-                min_rows=max(1, self.cfg.min_batch),
+                min_rows=self._answer_min_rows(),
             )
-            texts = self.tokenizer.batch_decode(np.asarray(generated)[:n], skip_special_tokens=True)
+            generated = gather_to_host(generated)
+            texts = self.tokenizer.batch_decode(generated[:n], skip_special_tokens=True)
             out.extend(self.success_fn(texts, [e.target for e in edits[b : b + n]]))
         return np.asarray(out, bool)
+
+    def _place(self, tree):
+        """Slot-major arrays onto the devices: split over the mesh's "data" axis, or (no mesh)
+        on the default device."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return shard_batch(self.mesh, tree)
+
+    def _answer_min_rows(self) -> int:
+        """The success test's compaction floor (`greedy_generate(min_rows=)`); 0: none.
+
+        Halving B slots keeps them a multiple of the data size only while B / data is a power
+        of two and the floor is at least the data size; otherwise the test runs all B rows.
+        """
+        if self.shards == 1:
+            return max(1, self.cfg.min_batch)
+        per_shard = self.width // self.shards
+        if per_shard & (per_shard - 1):
+            return 0
+        return max(self.cfg.min_batch, self.shards)
 
     def fit_batch(self, edits: Sequence[EditToFit]) -> WeightBank:
         """Fits `edits` (any number; the name is kept from when it was one batch)."""
@@ -259,17 +314,12 @@ class Collector:
 
     def _hidden(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """[N, T, D] the residual stream entering the neuron layer, B rows per call."""
-        batch, n = self.cfg.batch_size, len(tokens)
+        batch, n = self.width, len(tokens)
         parts = []
         for b in range(0, n, batch):
             take = np.minimum(np.arange(b, b + batch), n - 1)
-            h = Decoder(self.config).apply(
-                {"params": self.params},
-                jnp.asarray(tokens[take]),
-                jnp.asarray(mask[take]),
-                method=Decoder.hidden_before,
-            )
-            parts.append(np.asarray(h)[: min(batch, n - b)])
+            h = hidden_before(self.config, self.params, *self._place((tokens[take], mask[take])))
+            parts.append(gather_to_host(h)[: min(batch, n - b)])
         return np.concatenate(parts)
 
     def _optimise(self, data: dict, rows, start, start_steps, limit: int | None = None):
@@ -283,7 +333,7 @@ class Collector:
         out_loss = np.full(len(rows), np.inf, np.float32)
         out_steps = np.array(start_steps, np.int32)
         pending = list(range(len(rows)))[::-1]  # a stack: pop() takes the next in order
-        width = cfg.batch_size
+        width = self.width
         slot = np.full(width, -1)  # which of `rows` each slot holds; -1: empty
         state = jax.device_get(init_state(self.init, width))
         while True:
@@ -308,13 +358,13 @@ class Collector:
             if (slot < 0).all():
                 break
             held = rows[np.maximum(slot, 0)]
-            inputs = [jnp.asarray(data[k][held]) for k in ("hidden", "mask", "index", "targets")]
-            inputs.append(jnp.asarray(data["weights"][held]))
+            keys = ("hidden", "mask", "index", "targets", "weights")
+            inputs, placed = self._place(([data[k][held] for k in keys], state))
             state = fit_steps(
                 config,
                 self.params,
                 *inputs,
-                jax.tree.map(jnp.asarray, state),
+                placed,
                 jnp.asarray(limit, jnp.int32),
                 self.lr_table,
                 jnp.asarray(cfg.stop_loss, jnp.float32),
@@ -326,7 +376,7 @@ class Collector:
             self.stats["calls"] += 1
             self.stats["steps"] += cfg.check_every
             self.stats["row_steps"] += cfg.check_every * width
-            state = _to_numpy(jax.device_get(state))
+            state = _to_numpy(gather_to_host(state))
             flat = np.asarray(flatten_neuron(Neuron(*state.neuron), bias))
             for s in np.flatnonzero((slot >= 0) & state.done):
                 j = slot[s]
@@ -335,8 +385,11 @@ class Collector:
             running = np.flatnonzero(slot >= 0)
             if not pending and len(running) and len(running) <= width // 2:
                 # Compaction: nothing waits, so the running fits move to fewer slots.
+                # On a mesh, only to slot counts the data axis still divides.
                 new = width
-                while new // 2 >= max(len(running), cfg.min_batch):
+                while new // 2 >= max(len(running), cfg.min_batch, self.shards) and not (
+                    (new // 2) % self.shards
+                ):
                     new //= 2
                 if new < width:
                     keep = np.concatenate([running, np.flatnonzero(slot < 0)[: new - len(running)]])

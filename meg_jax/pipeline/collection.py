@@ -69,7 +69,10 @@ def run_collect_stage(ctx: RunContext, edits: EditSet) -> tuple[WeightBank, str]
         def success(texts, targets):
             return answer_ag_correct(texts, targets, template.answer_cuts)
 
-        collector = Collector(host.config, host.params, host.tokenizer, cfg.fit, success)
+        # The host is already on the mesh's "model" axis; the edits' slots go on "data".
+        collector = Collector(
+            host.config, host.params, host.tokenizer, cfg.fit, success, mesh=ctx.mesh
+        )
         new = collect_bank(collector, edits_to_fit(todo, template), stage.run_dir / "bank.npz")
         union = new if done is None else WeightBank.concatenate([done, new])
         bank = bank_rows(edits.ids, union, str(out))
