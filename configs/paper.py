@@ -10,6 +10,9 @@ Each of those files is one line over `paper_config(model, dataset, variant)`; th
     dtype=bfloat16|float16|float32   the host's dtype (the paper: float16; TPUs: bfloat16)
     tiny                     the same code path on a tiny random model of the same architecture
     host=PATH, bank=PATH     (tiny only) the tiny model directory and its given weight bank
+    rephrases=PATH           a rephrase file (`meg_jax.data.rephrases`: paraphrases by record
+                             prompt or id, e.g. GLM-4's) replacing the dataset's own; for zsRE
+                             the pseudo-edits then take 2000 records with 2 rephrases each
 
 What comes from where, per model and dataset (tables below, each with its METHOD.md section):
 neuron layer and activation (§2.1), prompt template (§1.3), collection schedule and stopping rule
@@ -19,14 +22,24 @@ DiT-B and the generator batch and length (§4.3-§4.4).
 
 What the reference does that these configs cannot:
   * zsRE rephrases: the paper regenerates 10 rephrases per record with GLM-4-9B-Chat (§1.4); that
-    model cannot run here, so Generality and the encoder's pseudo-edit pairs use the dataset's
-    own MEND rephrase (one per record). The zsRE pseudo-edit set therefore takes 4000 records
-    (one pair each) where the reference takes 2000 with two rephrases each: the same 4000 pairs.
-  * zsRE edit source: the paper merges `zsre_mend_eval.json` and `zsre_mend_train_10000.json`
-    before deduplication (§1.4). The edits stage reads one file, so the zsRE configs use
-    `zsre_mend_eval.json` (19,086 records; MeG's deduplication and wrong-answer filter then run
-    on it, and `n_edits` counts the records kept). For the paper's exact set, concatenate the
-    two files into one JSON list and pass it as `--config.data.edits=FILE`.
+    model cannot run here and its output is not published, so by default Generality and the
+    encoder's pseudo-edit pairs use the dataset's own MEND rephrase (one per record), and the
+    zsRE pseudo-edit set takes 4000 records (one pair each) where the reference takes 2000 with
+    two rephrases each: the same 4000 pairs. Whoever has GLM-4 (or other) rephrases passes them
+    with the `rephrases=PATH` variant (or `--config.data.rephrases=PATH`): they replace the
+    MEND rephrase of every record they name, edits and pseudo-edits alike.
+  * zsRE as the paper prepares it (§1.4), which these configs do: the edits are
+    `zsre_mend_eval.json` + `zsre_mend_train_10000.json` merged (29,086 records; the second
+    file's ids follow the first's), deduplicated by subject across both (19,964), the NQ
+    locality questions normalised ("nq question: who is x" -> "Who is x?") wherever they are
+    asked (evaluation, the router's calibration), and the wrong-answer filter run per model:
+    `n_edits` counts the records kept after it. The pseudo-edits are `zsre_mend_train.json` less
+    every subject and question of the two edit files, deduplicated by subject: disjoint from
+    any edit set of any size. The reference takes the first 4000 of these and uses the last
+    2000; we take the file's last records (before the calibration records), also disjoint.
+    `zsre_mend_eval.json` and `zsre_mend_train.json` download from the ROME data host; the
+    EasyEdit file `zsre_mend_train_10000.json` has no pinned public URL: place it at
+    `$MEG_JAX_DATA/zsre/zsre_mend_train_10000.json` (the error says so when it is missing).
   * GPT-J's collection patience (CounterFact: 10 steps under the loss threshold before the
     greedy test) has no `CollectConfig` field; a fit stops as soon as every answer token is the
     argmax and the loss is below the threshold (a test the reference's greedy test would also
@@ -158,7 +171,9 @@ INFONCE_STEPS = {"zsre": 5000, "counterfact": 10_000}
 # §1.4: the edit sets and the disjoint pseudo-edit sets.
 DATA = {
     "zsre": dict(
-        edits="zsre/zsre_mend_eval.json",
+        # Merged, then deduplicated by subject (meg_jax.data.sources, DataConfig).
+        edits="zsre/zsre_mend_eval.json+zsre/zsre_mend_train_10000.json",
+        # Less every subject of the edit files (meg_jax.data.sources.pseudo_split).
         pseudo="zsre/zsre_mend_train.json",
         n_pseudo_pairs=4000,  # one MEND rephrase per record (the docstring)
     ),
@@ -194,6 +209,7 @@ def paper_config(model: str, dataset: str, arg: str | None = None) -> ml_collect
         gen_batch=0,
         host="",
         bank="",
+        rephrases="",
     )
     if v.n not in PAPER_N and not v.tiny:
         raise ValueError(
@@ -225,6 +241,9 @@ def paper_config(model: str, dataset: str, arg: str | None = None) -> ml_collect
         max_prompt_tokens=256,
         **DATA[dataset],
     )
+    if v.rephrases:
+        # Two rephrases per pseudo-edit record, as the reference pairs its GLM rephrases.
+        c.data.update(rephrases=v.rephrases, n_pseudo_pairs=2000)
     c.encoder = dict(
         path=ENCODER,
         n_top_layers=1,  # only encoder.layer.11 is trained

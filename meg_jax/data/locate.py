@@ -27,6 +27,15 @@ CANONICAL = {
     "zsre/zsre_mend_train.json": "zsre_train",
 }
 
+# Names the paper uses that have no pinned public download: where a user gets them. `locate`'s
+# error quotes this, so an offline (or any) run says what to place where.
+MANUAL = {
+    "zsre/zsre_mend_train_10000.json": (
+        "the 10,000-record zsRE train file of EasyEdit's data release (MEND's zsRE split, "
+        "same schema as zsre_mend_eval.json); the paper merges it with zsre_mend_eval.json"
+    ),
+}
+
 
 def data_dirs() -> list[Path]:
     """The data directories searched, in order."""
@@ -48,6 +57,14 @@ def locate(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path,
     if dataset is not None:
         return dataset_path(dataset, cache_dir), f"{name}: the {dataset!r} dataset (cache)"
     searched = ", ".join(str(d) for d in data_dirs())
+    manual = MANUAL.get(Path(name).as_posix())
+    if manual is not None:
+        first = data_dirs()[0] if data_dirs() else Path(f"${ENV_DATA_DIR}")
+        raise FileNotFoundError(
+            f"{name}: not found under the data directories ({searched}) and it has no pinned "
+            f"download. It is {manual}. Place it at {first / name} (or set ${ENV_DATA_DIR} to "
+            "a folder holding it), or give its full path."
+        )
     raise FileNotFoundError(
         f"{name}: no such file, not under a data directory ({searched}; set ${ENV_DATA_DIR} to "
         f"add one) and not a known dataset name ({sorted(KNOWN_DATASETS)}). Put the file at "

@@ -90,6 +90,20 @@ def normalize_nq_question(text: str) -> str:
     return (text.partition(NQ_PREFIX)[2] + "?").capitalize()
 
 
+def normalize_locality_prompts(records: list[EditRecord]) -> list[EditRecord]:
+    """`records` with every locality prompt NQ-normalised (`normalize_nq_question`).
+
+    Every place a zsRE locality prompt is asked (evaluation, the router's calibration negatives,
+    DA) must see the same question, so they all go through this one function.
+    """
+    return [
+        dataclasses.replace(
+            r, locality_prompts=tuple(normalize_nq_question(p) for p in r.locality_prompts)
+        )
+        for r in records
+    ]
+
+
 def dedup_by_subject(records: list[EditRecord]) -> list[EditRecord]:
     """The first record of each subject, in order; records without a subject are all kept."""
     seen: set[str] = set()
@@ -146,12 +160,7 @@ def _compute(
     if config.dedup_by_subject:
         records = dedup_by_subject(records)
     if config.normalize_nq_questions:
-        records = [
-            dataclasses.replace(
-                r, locality_prompts=tuple(normalize_nq_question(p) for p in r.locality_prompts)
-            )
-            for r in records
-        ]
+        records = normalize_locality_prompts(records)
     edit_answers = None
     if config.drop_known_facts:
         answers = pre_edit_answers([r.prompt for r in records], template, answer_fn)

@@ -9,6 +9,7 @@ recorded inputs differ (see `meg_jax.infra.fingerprint`).
 import dataclasses
 
 from meg_jax.collect.stage import CollectConfig
+from meg_jax.data.rephrases import REPHRASE_MODES
 from meg_jax.data.templates import TEMPLATES
 from meg_jax.diffusion.config import GeneratorConfig, generator_config
 from meg_jax.encoder.train import InfoNCEConfig
@@ -73,9 +74,17 @@ class DataConfig:
     """The edit set and the disjoint pseudo-edit set (for the encoder and router calibration).
 
     `edits` and `pseudo` are resolved by `meg_jax.data.locate`: a path, a file under the data
-    directory ($MEG_JAX_DATA or ../shared/data), or a dataset name downloaded once.
+    directory ($MEG_JAX_DATA or ../shared/data), or a dataset name downloaded once. Either may
+    name several files joined by "+" (`zsre/zsre_mend_eval.json+zsre/zsre_mend_train_10000.json`,
+    the paper's zsRE): they are merged in order, ids kept unique (`meg_jax.data.sources`), and
+    MeG's preprocessing (dedup by subject, the wrong-answer filter) runs on the merged records.
     `add` names a second edit file whose records are edited too, after those of `edits`: the
     way to extend a trained work directory with new facts (so is a larger `n_edits`).
+    The pseudo-edits are `pseudo` less, for zsRE, every subject and prompt of the `edits`
+    files, deduplicated by subject (`meg_jax.data.sources.pseudo_split`).
+    `rephrases` is a JSON file of paraphrases by record prompt or id (`meg_jax.data.rephrases`)
+    that replace (`rephrases_mode="replace"`) or follow ("append") the dataset's own, for the
+    edits and the pseudo-edits: the way to use GLM-4 rephrases as the paper does.
     """
 
     edits: str = "counterfact/counterfact-edit.json"
@@ -87,10 +96,18 @@ class DataConfig:
     n_val_pairs: int = 200  # held out from InfoNCE for checkpoint selection
     n_calibration: int = 256  # held-out pseudo-edits for the router threshold
     max_prompt_tokens: int = 256  # longer prompts are rejected before any training
+    rephrases: str = ""  # a rephrase file (paraphrases by prompt or id); "": the dataset's own
+    rephrases_mode: str = "replace"  # or "append": after the dataset's paraphrases
     retrain: bool = False
 
     def __post_init__(self):
         _require(bool(self.edits), "data.edits", "a file or dataset name", self.edits)
+        _require(
+            self.rephrases_mode in REPHRASE_MODES,
+            "data.rephrases_mode",
+            f"one of {REPHRASE_MODES}",
+            self.rephrases_mode,
+        )
         _require(self.kind in DATASET_KINDS, "data.kind", f"one of {DATASET_KINDS}", self.kind)
         _require(self.n_edits >= 1, "data.n_edits", "at least 1", self.n_edits)
         for name in ("n_pseudo_pairs", "n_val_pairs", "n_calibration"):

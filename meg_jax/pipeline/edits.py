@@ -1,9 +1,12 @@
 """Stage "edits": the edit set as MeG prepares it, with the unedited model's locality answers.
 
-Reads `data.edits` (and `data.add`, appended), bounds every prompt's length with the host's
-tokenizer before any model runs, and applies MeG's preprocessing (`meg_jax.data.preprocess`):
-`n_edits` counts the records kept after deduplication and the zsRE wrong-answer filter, so raw
-records are read in growing blocks until that many are kept.
+Reads `data.edits` (one file, or several merged: "a+b", `meg_jax.data.sources`; and `data.add`,
+appended), puts in the paraphrases of `data.rephrases` when given, bounds every prompt's length
+with the host's tokenizer before any model runs, and applies MeG's preprocessing
+(`meg_jax.data.preprocess`: zsRE deduplicates by subject across the merged files, NQ-normalises
+the locality prompts, and drops what the unedited model already answers): `n_edits` counts the
+records kept after deduplication and the zsRE wrong-answer filter, so raw records are read in
+growing blocks until that many are kept.
 
 The unedited model's answers are memoised per host, template and decoding settings
 (`edits/answers-<id>.json`), so growing the edit set asks the model only about the new prompts
@@ -14,10 +17,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from meg_jax.data.download import load_edits
 from meg_jax.data.locate import locate
 from meg_jax.data.preprocess import meg_preprocess_config, prepare_edits
 from meg_jax.data.records import DataFormatError, EditRecord
+from meg_jax.data.rephrases import apply_rephrases, read_rephrases
+from meg_jax.data.sources import read_spec, split_spec
 from meg_jax.evaluation.evaluator import check_locality_labels
 from meg_jax.inference.editor import zero_editor
 from meg_jax.infra.files import write_json_atomic
@@ -57,10 +61,21 @@ class EditSet:
 
 
 def read_records(name: str, limit: int | None = None) -> list[EditRecord]:
-    """An edit file by the one resolution order (`meg_jax.data.locate`), saying where it was."""
-    path, how = locate(name)
-    log.info("data: %s", how)
-    return load_edits(path, limit=limit)
+    """An edit file, or several merged ("a+b", `meg_jax.data.sources`), by the one resolution
+    order (`meg_jax.data.locate`), saying where each was found."""
+    return read_spec(name, limit=limit)
+
+
+def read_edit_records(ctx: RunContext, name: str, limit: int | None = None) -> list[EditRecord]:
+    """`read_records`, then the paraphrases of `data.rephrases` (when given) put in."""
+    records = read_records(name, limit)
+    d = ctx.cfg.data
+    if not d.rephrases:
+        return records
+    rephrases = read_rephrases(locate(d.rephrases)[0])
+    records, matched = apply_rephrases(records, rephrases, d.rephrases_mode)
+    log.info("data: %s: rephrases for %d of %d records", d.rephrases, matched, len(records))
+    return records
 
 
 def _renumbered(records: list[EditRecord], added: list[EditRecord], file: str) -> list[EditRecord]:
@@ -134,7 +149,7 @@ def prepare(ctx: RunContext, source: str, n: int, add: str = "") -> EditSet:
     memo = AnswerMemo(ctx)
     block = n
     while True:
-        raw = read_records(source, limit=block)
+        raw = read_edit_records(ctx, source, limit=block)
         prepared = _preprocessed(ctx, raw, memo)
         if len(prepared.records) >= n or len(raw) < block:
             break
@@ -146,7 +161,7 @@ def prepare(ctx: RunContext, source: str, n: int, add: str = "") -> EditSet:
     records = list(prepared.records[:n])
     labels = None if prepared.locality_labels is None else list(prepared.locality_labels[:n])
     if add:
-        extra = _preprocessed(ctx, _renumbered(records, read_records(add), add), memo)
+        extra = _preprocessed(ctx, _renumbered(records, read_edit_records(ctx, add), add), memo)
         records += extra.records
         labels = None if labels is None else labels + list(extra.locality_labels)
     return EditSet(tuple(records), None if labels is None else tuple(labels))
@@ -155,7 +170,9 @@ def prepare(ctx: RunContext, source: str, n: int, add: str = "") -> EditSet:
 def run_edits_stage(ctx: RunContext) -> EditSet:
     """The run's edit set: prepared once, then read back while its inputs are unchanged."""
     d = ctx.cfg.data
-    files = {name: _file_id(name) for name in (d.edits, d.add) if name}
+    files = {name: source_id(name) for name in (d.edits, d.add) if name}
+    if d.rephrases:  # only when given, so runs without one keep their recorded inputs
+        files[f"rephrases:{d.rephrases_mode}"] = source_id(d.rephrases)
     inputs = StageInputs(
         config={
             "edits": d.edits,
@@ -187,7 +204,8 @@ def run_edits_stage(ctx: RunContext) -> EditSet:
     return edits
 
 
-def _file_id(name: str) -> str:
-    """A data file's content hash (a changed file is a changed input, whatever its name)."""
-    path, _ = locate(name)
-    return file_digest(Path(path))[:16]
+def source_id(name: str) -> str:
+    """A data file's content hash (a changed file is a changed input, whatever its name); for
+    merged files ("a+b"), theirs joined by "+" in order."""
+    parts = split_spec(name)
+    return "+".join(file_digest(Path(locate(part)[0]))[:16] for part in parts)

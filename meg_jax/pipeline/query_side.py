@@ -11,17 +11,41 @@ import dataclasses
 
 import numpy as np
 
-from meg_jax.data.download import load_edits
-from meg_jax.data.locate import locate
+from meg_jax.data.preprocess import meg_preprocess_config, normalize_locality_prompts
+from meg_jax.data.records import EditRecord
+from meg_jax.data.sources import check_disjoint, pseudo_split
 from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs
 from meg_jax.encoder.text_encoder import TextEncoder, load_top_layers, save_top_layers
 from meg_jax.encoder.train import train_infonce
-from meg_jax.infra.fingerprint import StageInputs, file_digest
+from meg_jax.infra.fingerprint import StageInputs
 from meg_jax.pipeline.context import RunContext
-from meg_jax.pipeline.edits import EditSet
+from meg_jax.pipeline.edits import EditSet, read_edit_records, read_records, source_id
 from meg_jax.router.calibrate import calibrate, write_calibration
 from meg_jax.router.gate import load_router, save_router
 from meg_jax.router.train import train_router
+
+# Bump when the pseudo-edit split's rule changes: the encoder and router then retrain.
+PSEUDO_SPLIT_VERSION = 1
+
+
+def _by_subject(ctx: RunContext) -> bool:
+    """Whether the pseudo-edits are split from the edits by subject: with MeG's zsRE dedup."""
+    return meg_preprocess_config(ctx.cfg.data.kind, ctx.cfg.host.template).dedup_by_subject
+
+
+def pseudo_records(ctx: RunContext) -> list[EditRecord]:
+    """`data.pseudo` as the encoder and router use it (METHOD.md §1.4).
+
+    Merged like `data.edits` ("a+b"), with `data.rephrases` put in; for zsRE, split from every
+    record of the `data.edits` files by subject and prompt, deduplicated by subject
+    (`meg_jax.data.sources.pseudo_split`); every locality prompt NQ-normalised as the edit
+    set's are, so the router's calibration negatives are the questions evaluation asks.
+    """
+    d = ctx.cfg.data
+    records = read_edit_records(ctx, d.pseudo)
+    if _by_subject(ctx):
+        records = pseudo_split(records, read_records(d.edits), by_subject=True)
+    return normalize_locality_prompts(records)
 
 
 def _pseudo(ctx: RunContext):
@@ -29,15 +53,24 @@ def _pseudo(ctx: RunContext):
     d = ctx.cfg.data
     if not d.pseudo:
         return [], []
-    path, _ = locate(d.pseudo)
-    pseudo = load_edits(path)
+    pseudo = pseudo_records(ctx)
     calibration = pseudo[-d.n_calibration :] if ctx.cfg.router.calibrate and d.n_calibration else []
     pool = pseudo[: len(pseudo) - len(calibration)][-d.n_pseudo_pairs :]
     return pool, calibration
 
 
 def _pseudo_id(ctx: RunContext) -> str:
-    return file_digest(locate(ctx.cfg.data.pseudo)[0])[:16] if ctx.cfg.data.pseudo else ""
+    """What the pseudo-edits are made of: their files and, when they shape them, the edit files
+    (the zsRE split) and the rephrase file. A single CounterFact file keeps its plain hash."""
+    d = ctx.cfg.data
+    if not d.pseudo:
+        return ""
+    ident = source_id(d.pseudo)
+    if _by_subject(ctx):
+        ident += f"|split{PSEUDO_SPLIT_VERSION}:{source_id(d.edits)}"
+    if d.rephrases:
+        ident += f"|rephrases:{d.rephrases_mode}:{source_id(d.rephrases)}"
+    return ident
 
 
 def run_encoder_stage(ctx: RunContext) -> tuple[TextEncoder, str]:
@@ -105,7 +138,10 @@ def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, enco
         stage.report(_router_figure(stage.summary()))
         return load_router(stage.folder, ctx.mesh), inputs.lineage
     stage.start()
-    _, calibration = _pseudo(ctx)
+    pool, calibration = _pseudo(ctx)
+    # The encoder's pairs and the calibration records must not be edits (a shared file's far
+    # end reached by a large n_edits): checked when the router trains, i.e. before collection.
+    check_disjoint(edits.records, [*pool, *calibration], _by_subject(ctx))
     # Calibration rows first: labels are prefix-stable, so appended edits keep earlier labels.
     conditions = np.concatenate(
         [
