@@ -5,6 +5,7 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
+from meg_jax.data.preprocess import normalize_locality_prompts
 from meg_jax.data.readers import read_edits
 from meg_jax.evaluation.classic import (
     counterfact_case,
@@ -36,6 +37,10 @@ def test_memit_zsre_queries_use_raw_prompts_and_gold_locality(gpt2, shared_data)
     loc = "nq question: john goodman's character in the big lebowski?"
     assert queries["neighborhood"] == [(loc, build_tf_queries(gpt2, loc, "Walter Sobchak"))]
     assert len(queries["neighborhood"][0][1]) == 4  # " Walter", " Sob", "ch", "ak"
+    # a MeG-preprocessed record's question is already normalised: asked as is, not with "??"
+    (normalised,) = normalize_locality_prompts([record])
+    asked = memit_zsre_queries(gpt2, normalised)["neighborhood"][0][0]
+    assert asked == "John goodman's character in the big lebowski?"
 
 
 def test_memit_zsre_summary():

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from meg_jax.data.preprocess import NQ_PREFIX
 from meg_jax.data.records import EditRecord
 from meg_jax.evaluation.metrics import harmonic_mean
 from meg_jax.evaluation.teacher_forcing import (
@@ -56,15 +57,18 @@ def memit_zsre_queries(
     """P1 TF steps of a zsRE record: per `PROMPT_GROUPS` key, (prompt text, its steps) pairs.
 
     The prompt text is what an editor sees (one neuron per prompt). The record must be as read
-    (`zsre_target="answers"`), not MeG-preprocessed: P1 keeps the `"nq question: "` prefix of
-    the locality question.
+    (`zsre_target="answers"`): P1 keeps the `"nq question: "` prefix of the locality question
+    and appends "?". A MeG-preprocessed record (the pipeline's edit set) has the question
+    already normalised ("Who is x?", the prefix gone and the case folded, which cannot be
+    undone); it is asked as it stands rather than as "Who is x??".
     """
     if len(record.locality_answers) != 1:
         raise ValueError(
             f"{record.source.describe('loc_ans')}: MEMIT zsRE needs exactly one gold locality "
             f"answer, found {len(record.locality_answers)}"
         )
-    loc = record.locality_prompts[0] + "?"
+    loc = record.locality_prompts[0]
+    loc = loc + "?" if NQ_PREFIX in loc else loc
     return {
         "rewrite": [(record.prompt, build_tf_queries(tokenizer, record.prompt, record.target_new))],
         "paraphrase": [
