@@ -2,15 +2,16 @@
 
     nice -n 10 python bench/baselines.py --n 256 [--n 1024] [--methods ft,memit,alphaedit]
 
-For each edit count and method a child process loads SmolLM2, edits the first n CounterFact
-edits of ../shared/data with `configs/baseline_smollm2.py:method=...,n=...`, then evaluates
-the edited weights with the unchanged evaluator (the all-zero editor): MeG's six readings and
-Score (locality labels = the unedited model's answers, as the main job computes them with
-`prepare_edits`) and MEMIT's CounterFact ES/PS/NS. Wall time of the editing (key statistics
-apart: computed once per host, cached, reported separately) and peak resident memory (the
-process's maximum RSS after editing, and after loading the host, so the difference is what
-editing added) come from that child, so the methods do not share an allocator's high-water
-mark. The unedited model is evaluated the same way for reference.
+For each edit count and method a child process runs the pipeline of
+`configs/baseline_smollm2.py:method=...,n=...` (work directory runs/bench_baselines/<method>-<n>)
+through its stage functions: the edits stage (the first n CounterFact edits of ../shared/data,
+locality labels = the unedited model's answers, as MeG's main job), the baseline stage, and the
+evaluation stage MeG's runs use (the edited weights with the all-zero neuron): MeG's six readings
+and Score, and MEMIT's CounterFact ES/PS/NS. Wall time of the editing (key statistics apart:
+computed once per host, cached in runs/bench_baselines/stats, reported separately) and peak
+resident memory (the process's maximum RSS after editing, and after loading the host, so the
+difference is what editing added) come from that child, so the methods do not share an
+allocator's high-water mark. The unedited model's row comes from the same evaluation.
 
 Writes bench/results/baselines.json (top level `methods` keyed ft / memit / alphaedit, each
 with `score` per edit count) and bench/results/baselines.png.
@@ -35,58 +36,50 @@ def _peak_rss_mb() -> float:
 
 
 def one(method: str, n: int, out: Path) -> None:
-    """Edit and evaluate in this process; writes its result to `out`."""
-    import importlib.util
-
-    from meg_jax.baselines import baseline_config, run_baseline
-    from meg_jax.checkpoints.hosts import load_host
-    from meg_jax.data.download import load_edits
-    from meg_jax.data.preprocess import meg_preprocess_config, prepare_edits
-    from meg_jax.data.templates import get_template
-    from meg_jax.evaluation.evaluator import EvalConfig, evaluate_classic, evaluate_meg
-    from meg_jax.inference.editor import zero_editor
-    from meg_jax.inference.runner import ModelRunner
+    """Edit and evaluate in this process through the pipeline's stage functions (what
+    `python -m meg_jax.train` then `meg_jax.evaluate` run); writes its result to `out`."""
     from meg_jax.infra.files import write_json_atomic
+    from meg_jax.pipeline.baseline import baseline_under_test, run_baseline_stage
+    from meg_jax.pipeline.cli import load_config, setup_logging
+    from meg_jax.pipeline.context import RunContext
+    from meg_jax.pipeline.edits import run_edits_stage
+    from meg_jax.pipeline.evaluation import run_evaluation_stage
 
-    spec = importlib.util.spec_from_file_location(
-        "cfg", common.REPO / "configs/baseline_smollm2.py"
+    edits_path = common.SHARED / "counterfact" / "counterfact-edit.json"
+    cfg, _ = load_config(
+        [
+            "--config",
+            f"{common.REPO / 'configs/baseline_smollm2.py'}:method={method},n={n}",
+            f"--config.workdir={WORK / f'{method}-{n}'}",
+            f"--config.data.edits={edits_path}",
+            f"--config.baseline.stats_dir={WORK / 'stats'}",  # shared by the methods
+        ]
     )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(f"method={'memit' if method == 'unedited' else method},n={n}")
-    edits_path = str(common.SHARED / "counterfact" / "counterfact-edit.json")
-    host = load_host(c.host.name)
+    setup_logging(0)
+    ctx = RunContext.create(cfg)
+    ctx.host()
     rss_host = _peak_rss_mb()
-    template = get_template(c.host.template)
-    eval_cfg = EvalConfig(batch_size=c.evaluation.batch_size, tf_mode=c.evaluation.tf_mode)
-    runner = ModelRunner(host.config, host.params, host.tokenizer, batch_size=eval_cfg.batch_size)
-    zero = zero_editor(host.config.d_model)
-    stops = template.generation_stops
-    prepared = prepare_edits(
-        load_edits(edits_path, limit=n),
-        "smollm2:float32",  # the main job's model id, so its cache is shared
-        lambda prompts: runner.generate(prompts, zero(prompts), eval_cfg.max_new_tokens, stops),
-        meg_preprocess_config("counterfact", c.host.template),
-        cache_dir=WORK / "cache",
-    )
-    records = list(prepared.records)
-    result: dict = {"method": method, "n_edits": len(records)}
-    params = host.params
-    if method != "unedited":
-        cfg = baseline_config(c.baseline)
-        start = time.perf_counter()
-        params, info = run_baseline(method, host, records, template, cfg, WORK)
-        result["edit_total_seconds"] = time.perf_counter() - start
-        result["info"] = info
+    edits = run_edits_stage(ctx)  # locality labels: the unedited model's answers, as MeG's
+    result: dict = {"method": method, "n_edits": len(edits.records)}
+    start = time.perf_counter()
+    edited, lineage = run_baseline_stage(ctx, edits)
+    result["edit_total_seconds"] = time.perf_counter() - start  # 0 when done by an earlier run
+    result["info"] = json.loads((ctx.workdir / "baseline" / "info.json").read_text())
     result["peak_rss_mb_after_edit"] = _peak_rss_mb()
     result["peak_rss_mb_after_host_load"] = rss_host
-    runner = ModelRunner(host.config, params, host.tokenizer, batch_size=eval_cfg.batch_size)
+    ctx.manifest().write(ctx.workdir)
     start = time.perf_counter()
-    _, result["meg_protocol"] = evaluate_meg(
-        runner, records, template, zero, prepared.locality_labels, eval_cfg
+    summaries = run_evaluation_stage(
+        ctx, edits, {"baseline": lineage}, baseline_under_test(ctx, edited)
     )
-    result["classic"] = evaluate_classic(runner, records, zero, "counterfact")
     result["eval_seconds"] = time.perf_counter() - start
+    for key, row in (("edited", summaries[method]), ("unedited", summaries["unedited"])):
+        part = {"meg_protocol": {k: v for k, v in row.items() if k != "classic"}}
+        part["classic"] = row.get("classic", {})
+        if key == "edited":
+            result.update(part)
+        else:
+            result["unedited"] = part
     write_json_atomic(out, json.loads(json.dumps(result, default=float)))
 
 
@@ -118,7 +111,7 @@ def plot(methods: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, action="append")
-    parser.add_argument("--methods", default="unedited,ft,memit,alphaedit")
+    parser.add_argument("--methods", default="ft,memit,alphaedit")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "N", "OUT"))
     args = parser.parse_args()
     if args.one:
@@ -129,11 +122,16 @@ def main() -> None:
     runs: dict = {}
     for n in counts:
         for method in args.methods.split(","):
+            if method == "unedited":  # every method's evaluation has the unedited row
+                continue
             out = WORK / f"result-{method}-{n}.json"
             if not out.is_file():  # finished runs are kept: rerunning resumes
                 cmd = [sys.executable, __file__, "--one", method, str(n), str(out)]
                 subprocess.run(cmd, check=True)
-            runs.setdefault(method, {})[str(n)] = json.loads(out.read_text())
+            run = json.loads(out.read_text())
+            runs.setdefault(method, {})[str(n)] = run
+            if "unedited" in run:
+                runs.setdefault("unedited", {}).setdefault(str(n), run["unedited"])
     # Runs of other edit counts finished earlier (e.g. only some methods had time for them).
     for out in sorted(WORK.glob("result-*-*.json")):
         method, n = out.stem.split("-")[1:]
@@ -144,7 +142,7 @@ def main() -> None:
             "score": {n: r["meg_protocol"].get("score") for n, r in by_n.items()},
             "classic_score": {n: r["classic"].get("score") for n, r in by_n.items()},
             "edit_seconds": {n: r.get("info", {}).get("edit_seconds") for n, r in by_n.items()},
-            "peak_rss_mb": {n: r["peak_rss_mb_after_edit"] for n, r in by_n.items()},
+            "peak_rss_mb": {n: r.get("peak_rss_mb_after_edit") for n, r in by_n.items()},
             "runs": by_n,
         }
     unedited = methods.pop("unedited", None)

@@ -1,7 +1,13 @@
 """FT-L, MEMIT and AlphaEdit on the embedded host, SmolLM2-135M-Instruct (GGUF, CPU).
 
-Variants: `configs/baseline_smollm2.py:method=alphaedit,n=256`; `:tiny` is a seconds-long run
-of 4 edits with minimal statistics (the test suite's smoke variant).
+    python -m meg_jax.train --config configs/baseline_smollm2.py:method=memit     # edits stage,
+    python -m meg_jax.evaluate --config configs/baseline_smollm2.py:method=memit  # then baseline
+
+A pipeline config like MeG's (`editor` names the method, `baseline` holds every method's
+settings): `train` runs the edits and the baseline stage, `evaluate` the same evaluation stage as
+MeG's (rows "unedited model" and "edited model (MEMIT)", both protocols, summary.json).
+Variants: `:method=alphaedit,n=256,batch=64`; `:tiny` is a minutes-long run of 4 edits with
+minimal statistics (the test suite's smoke variant).
 
 SmolLM2 has 30 layers of width 576 and MLP width 1,536. Layers: MEMIT edits GPT-J's layers
 3-8 of 28 (the early-middle band where causal tracing finds subject recall); the same band of
@@ -15,8 +21,6 @@ zsRE sentences, about 330,000 tokens), cut to 64 tokens a text.
 import ml_collections
 
 from meg_jax.infra.config import parse_arg
-
-SHARED = "../shared/data"
 
 # The sweep behind the defaults (16 edits, MeG protocol Rel AG / Loc AG, template prompts):
 # rel_ag / rel_tf / gen_ag in %, and the share of the way to the target values the edited stream
@@ -38,9 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     v = parse_arg(arg, method="memit", n=256, tiny=False, batch=0)
     c = ml_collections.ConfigDict()
     c.workdir = f"runs/baseline_smollm2_{v.method}" + ("_tiny" if v.tiny else "")
-    c.host = dict(name="smollm2", template="smollm2")
+    c.editor = v.method
+    # MeG's SmolLM2 prompt form (configs/smollm2_cf.py): the same queries, so the same harness.
+    # With the plain "smollm2" form (the sweep's) the unedited model leaves too many locality
+    # answers empty for Loc to measure anything (the evaluation refuses it).
+    c.host = dict(name="smollm2", template="smollm2_qa")
     c.data = dict(
-        edits=f"{SHARED}/counterfact/counterfact-edit.json",
+        edits="counterfact/counterfact-edit.json",  # resolved by meg_jax.data.locate
         kind="counterfact",
         n_edits=4 if v.tiny else v.n,
     )
@@ -55,9 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         chunk_size=32,
     )
     c.baseline = dict(
-        method=v.method,
         prompt="template",
-        host_id="smollm2:Q4_1",
+        host_id="smollm2:Q4_1",  # names the statistics cache entry
+        # MEMIT and AlphaEdit runs share one statistics cache (the tiny variant keeps its own).
+        stats_dir="" if v.tiny else "runs/baseline_smollm2_stats",
         # FT-L untuned (no time for a sweep on the shared CPU): the box, 1e-2 (about a third of
         # a typical weight of this layer), is the regulariser; lr lets Adam reach it in 2 steps.
         ft=dict(layer=8, lr=5e-3, steps=10, norm_constraint=1e-2, batch_size=32),

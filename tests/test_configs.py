@@ -219,6 +219,43 @@ def test_tiny_variant_trains_then_evaluates(model, dataset, tiny_hosts, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
+# The weight-editing baselines' configs (trained and evaluated in test_baseline_pipeline.py).
+
+
+@pytest.mark.parametrize("name", ["baseline_smollm2", "baseline_gptj"])
+@pytest.mark.parametrize("variant", ["", "tiny", "method=ft", "method=alphaedit,n=8"])
+def test_baseline_configs_load_in_the_pipeline_shape(name, variant):
+    spec = str(CONFIGS / f"{name}.py") + (f":{variant}" if variant else "")
+    cfg, _ = load_config(["--config", spec])
+    method = "ft" if "ft" in variant else "alphaedit" if "alphaedit" in variant else "memit"
+    b = cfg.baseline
+    assert cfg.editor == method
+    assert cfg.data.kind == "counterfact"
+    default = 256 if name == "baseline_smollm2" else 1000
+    assert cfg.data.n_edits == {"tiny": 4, "method=alphaedit,n=8": 8}.get(variant, default)
+    assert b.memit.layers == tuple(sorted(b.memit.layers))
+    assert b.edited_layers(method) == ((b.ft.layer,) if method == "ft" else b.memit.layers)
+    if name == "baseline_gptj" and variant == "":  # the MEMIT / AlphaEdit papers' GPT-J settings
+        assert b.memit.layers == (3, 4, 5, 6, 7, 8) and b.memit.mom2_update_weight == 15000.0
+        t = b.memit.targets
+        assert (t.lr, t.steps, t.weight_decay, t.clamp_norm_factor, t.kl_factor) == (
+            0.5,
+            25,
+            0.5,
+            0.75,
+            0.0625,
+        )
+        assert (b.alphaedit.nullspace_threshold, b.alphaedit.l2) == (2e-2, 10.0)
+        assert b.ft.layer == 21
+    if name == "baseline_smollm2" and variant == "":  # the value the recorded sweep chose
+        assert b.memit.layers == (4, 5, 6, 7, 8) and b.memit.mom2_update_weight == 1000.0
+    with pytest.raises(ConfigError, match="lerning_rate"):
+        load_config(["--config", spec, "--config.baseline.memit.targets.lerning_rate=1"])
+    with pytest.raises(ConfigError, match=f"editor {method}"):
+        load_config(["--config", spec, "--config.stage=generator"])  # a MeG stage
+
+
+# ---------------------------------------------------------------------------------------------
 # python -m meg_jax.plan --config
 
 

@@ -27,23 +27,48 @@ CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")  # MEMIT's context o
 
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
-    """The `baseline` section of a config file."""
+    """The `baseline` section of a config file: every method's settings; which method runs is
+    the pipeline's `editor` (ft | memit | alphaedit), the argument of `run_baseline`."""
 
-    method: str = "memit"  # ft | memit | alphaedit
     prompt: str = "template"  # "template": fit the query as evaluated; "raw": ROME's prompt
-    host_id: str = "host"  # names the weights in the statistics cache key
+    # Names the weights in the statistics cache key ("": the pipeline's host id).
+    host_id: str = ""
+    # Where the key statistics are cached ("": <workdir>/stats); runs of one host may share it.
+    stats_dir: str = ""
     ft: FTConfig = FTConfig()
     memit: MemitConfig = MemitConfig()
     alphaedit: AlphaEditConfig = AlphaEditConfig()
     stats: StatsConfig = StatsConfig()
+    retrain: bool = False  # the pipeline's stage flag: edit again although the inputs changed
+
+    def __post_init__(self):
+        if self.prompt not in ("template", "raw"):
+            raise ValueError(
+                f"config.baseline.prompt: expected template or raw, got {self.prompt!r}"
+            )
+
+    def edited_layers(self, method: str) -> tuple[int, ...]:
+        """The layers whose MLP output kernel `method` changes."""
+        return (self.ft.layer,) if method == "ft" else tuple(sorted(self.memit.layers))
+
+    def fingerprint(self, method: str) -> dict:
+        """The settings `method`'s result depends on (not where caches live, not the other
+        methods' sections): the pipeline's stage inputs."""
+        out: dict = {"method": method, "prompt": self.prompt}
+        if method == "ft":
+            return out | {"ft": dataclasses.asdict(self.ft)}
+        stats = dataclasses.asdict(self.stats)
+        for where in ("data_dir", "save_every"):  # a location and a progress cadence
+            stats.pop(where)
+        out |= {"memit": dataclasses.asdict(self.memit), "stats": stats}
+        if method == "alphaedit":
+            out["alphaedit"] = dataclasses.asdict(self.alphaedit)
+        return out
 
 
 def baseline_config(mapping) -> BaselineConfig:
     """`BaselineConfig` from a config's `baseline` ConfigDict (unknown keys are errors)."""
-    cfg = dataclass_from_dict(BaselineConfig, mapping, "baseline")
-    if cfg.method not in METHODS:
-        raise ValueError(f"baseline.method: {cfg.method!r} not in {METHODS}")
-    return cfg
+    return dataclass_from_dict(BaselineConfig, mapping, "baseline")
 
 
 def context_prefixes(host, n: int, tokens: int) -> list[str]:
@@ -69,7 +94,7 @@ def run_baseline(
     method: str, host, records, template: PromptTemplate, cfg: BaselineConfig, workdir
 ):
     """(edited parameters, info) of `method` applied to `records` on `host` (config, params,
-    tokenizer). `workdir` holds the key-statistics cache."""
+    tokenizer). The key statistics are cached in `cfg.stats_dir`, else `workdir`/stats."""
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r}; expected one of {METHODS}")
     config, params, tokenizer = host
@@ -84,9 +109,8 @@ def run_baseline(
 
     layers = tuple(sorted(cfg.memit.layers))
     start = time.perf_counter()
-    moments = key_moments(
-        config, params, tokenizer, layers, cfg.stats, Path(workdir) / "stats", cfg.host_id
-    )
+    cache = Path(cfg.stats_dir) if cfg.stats_dir else Path(workdir) / "stats"
+    moments = key_moments(config, params, tokenizer, layers, cfg.stats, cache, cfg.host_id)
     info["stats_seconds"] = time.perf_counter() - start
     start = time.perf_counter()
     targets = cfg.memit.targets

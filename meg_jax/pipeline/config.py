@@ -8,6 +8,8 @@ recorded inputs differ (see `meg_jax.infra.fingerprint`).
 
 import dataclasses
 
+from meg_jax.baselines.run import METHODS as BASELINE_METHODS
+from meg_jax.baselines.run import BaselineConfig
 from meg_jax.collect.stage import CollectConfig
 from meg_jax.data.rephrases import REPHRASE_MODES
 from meg_jax.data.templates import TEMPLATES
@@ -20,6 +22,9 @@ from meg_jax.router.calibrate import CalibrationConfig
 from meg_jax.router.train import RouterTrainConfig
 
 STAGES = ("edits", "encoder", "router", "collect", "generator", "evaluation")
+# A weight-editing baseline (`editor` ft | memit | alphaedit) runs these instead of MeG's.
+BASELINE_STAGES = ("edits", "baseline", "evaluation")
+EDITORS = ("meg", *BASELINE_METHODS)
 DATASET_KINDS = ("counterfact", "zsre")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -192,6 +197,7 @@ class PipelineConfig:
     seed: int = 0
     stage: str = "all"  # or one of STAGES: run that stage only (its upstream must be trained)
     evaluate: bool = False  # `train` evaluates at its end only when asked
+    editor: str = "meg"  # or a weight-editing baseline: ft | memit | alphaedit (`baseline`)
     mesh_data: int = -1
     mesh_model: int = 1
     host: HostConfig = HostConfig()
@@ -201,10 +207,14 @@ class PipelineConfig:
     collect: CollectStageConfig = CollectStageConfig()
     generator: GeneratorStageConfig = GeneratorStageConfig()
     evaluation: EvaluationStageConfig = EvaluationStageConfig()
+    baseline: BaselineConfig = BaselineConfig()
 
     def __post_init__(self):
-        stages = ("all", *STAGES)
-        _require(self.stage in stages, "stage", f"one of {stages}", self.stage)
+        _require(self.editor in EDITORS, "editor", f"one of {EDITORS}", self.editor)
+        stages = ("all", *(STAGES if self.editor == "meg" else BASELINE_STAGES))
+        _require(
+            self.stage in stages, "stage", f"one of {stages} (editor {self.editor})", self.stage
+        )
         _require(
             self.mesh_data == -1 or self.mesh_data >= 1, "mesh_data", "-1 or >= 1", self.mesh_data
         )

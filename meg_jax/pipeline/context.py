@@ -103,6 +103,7 @@ class RunContext:
             seed=cfg.seed,
             router=cfg.router.enabled,
             encoder_batch_size=cfg.encoder.batch_size,
+            editor=cfg.editor,
         )
 
     def stage(
