@@ -1,11 +1,14 @@
 """MeG on the embedded default host: SmolLM2-135M-Instruct (GGUF, CPU) with CounterFact.
 
 Variants: `configs/smollm2_cf.py:n=1024` sets the number of edits (default 256); `:smoke` is a
-minutes-long run of every stage on 16 edits. The edit and pseudo-edit files are the EasyEdit
-CounterFact edit split and its disjoint train split, found under the data directory
-(`$MEG_JAX_DATA` or ../shared/data, see `meg_jax.data.locate`); point `data.edits` at any other
-file or dataset name. `data.add=FILE` (or a larger `n`) extends a trained work directory
-with more facts.
+minutes-long run of every stage on 16 edits; `:da=1.0` turns on zero-weight augmentation ("DA",
+METHOD.md §4.4, Table 15: N x 1.0 neighbourhood prompts of the pseudo-edits trained towards the
+zero neuron) in its own work directory (`runs/smollm2_cf_da1`), since it is another generator;
+`--config.collect.bank=runs/smollm2_cf/collect/bank.npz` reuses a bank collected without it.
+The edit and pseudo-edit files are the EasyEdit CounterFact edit split and its disjoint train
+split, found under the data directory (`$MEG_JAX_DATA` or ../shared/data, see
+`meg_jax.data.locate`); point `data.edits` at any other file or dataset name. `data.add=FILE`
+(or a larger `n`) extends a trained work directory with more facts.
 
 Choices for SmolLM2 (METHOD.md §3.3b): the neuron sits at layer 14 as the shared reference bank;
 the Llama form is a linear unit; with a true reset per edit the reference's Llama lr (0.02)
@@ -34,10 +37,10 @@ from meg_jax.infra.config import parse_arg
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    v = parse_arg(arg, n=256, smoke=False)
-    smoke = v.smoke
+    v = parse_arg(arg, n=256, smoke=False, da=0.0)
+    smoke, da = v.smoke, float(v.da)  # a bare `:da` reads as 1.0
     c = ml_collections.ConfigDict()
-    c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "")
+    c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "") + (f"_da{da:g}" if da else "")
     c.seed = 0
     c.evaluate = True  # the main job ends with the evaluation table
     c.host = dict(
@@ -60,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.router = dict(train=dict(num_epochs=60 if smoke else 300, batch_size=256))
     c.collect = dict(fit=dataclasses.asdict(CollectConfig.fast(chunk_size=64)))
-    c.generator = dict(preset="fast")
+    c.generator = dict(preset="fast", zero_augmentation=da)
     if smoke:
         c.generator.overrides = dict(
             train=dict(num_steps=300, eval_every=150, checkpoint_every=150)

@@ -15,6 +15,18 @@ torch.std) falls below `train.stop_threshold`. A callback sees each evaluation (
 the LLM's edit success with the sampled weights) and may return extra metrics to log; a returned
 `"halt": True` ends training there (e.g. a wall-clock budget), with a checkpoint.
 
+Zero-weight augmentation (MeG's "DA", METHOD.md §4.4, Table 15): `zero_conditions` [M, E] are
+conditions of queries that must get the all-zero neuron (the unedited model). They are appended
+after the bank rows, each with the target x0 = normalize(0), i.e. exactly the zero neuron once
+sampling inverts the map. The normalisation (weight centre and scale, condition centre) is fitted
+on the bank rows ONLY: it describes fitted neurons, and M zero rows would otherwise pull the
+centre towards zero and shrink the scale by a factor that depends on M. The stopping criterion is
+taken over every training row, zero rows included (their L2 is the norm of their samples), so
+training cannot stop while the zero targets are still unlearned; the bank rows' own value
+(`bank_criterion`, what a run without DA stops on) and the zero rows' mean and largest L2
+(`zero_l2_mean`, `zero_l2_max`) are logged beside it. (The reference's check reads whichever batch
+its loader yielded last, with DA a batch of zero rows: no rule worth copying.)
+
 Divergence is never silent: at every log step, before every checkpoint and at every criterion
 evaluation the loss, the whole train state and the criterion must be finite. When one is not,
 training stops, the non-finite state is NOT saved (so the newest checkpoint stays the last finite
@@ -113,6 +125,7 @@ def train_generator(
     callback: EvalCallback | None = None,
     source: str = "bank",
     warm_start: GeneratorParams | None = None,
+    zero_conditions: np.ndarray | None = None,
 ) -> TrainResult:
     """Trains (or resumes) the generator on `weights` [N, P] given `conditions` [N, E].
 
@@ -121,8 +134,11 @@ def train_generator(
     devices on the "data" axis; the batch is split over it and the state replicated.
     `warm_start` (a trained generator, e.g. before edits were added) starts the network from its
     sampling weights and keeps its weight map, so what it learned stays valid on the new bank.
+    `zero_conditions` [M, E] (zero-weight augmentation, module docstring) are trained towards
+    the all-zero neuron; the normalisation is fitted without them.
     """
     bank = prepare_bank(weights, conditions, success, source)
+    zeros = _zero_conditions(zero_conditions, bank.conditions.shape[1], source)
     workdir = Path(workdir)
     mesh = mesh or make_mesh()
     tcfg = config.train
@@ -132,9 +148,16 @@ def train_generator(
         norm = fit_normalization(config.normalization, bank.weights, bank.conditions, init)
     else:
         norm = NormStats(*(jnp.asarray(x, jnp.float32) for x in warm_start.norm))
-    x0_bank = np.asarray(normalize(norm, bank.weights), np.float32)
-    cond_bank = np.asarray(center_conditions(norm, bank.conditions), np.float32)
     length, width = bank.weights.shape[1], bank.conditions.shape[1]
+    # Training rows: the bank, then the zero rows (target: the zero neuron in RAW space).
+    x0_bank = np.asarray(
+        normalize(norm, np.concatenate([bank.weights, np.zeros((len(zeros), length), np.float32)])),
+        np.float32,
+    )
+    cond_bank = np.asarray(
+        center_conditions(norm, np.concatenate([bank.conditions, zeros])), np.float32
+    )
+    num_rows = len(x0_bank)
     write_json_atomic(
         workdir / "generator.json",
         {"config": dataclasses.asdict(config), "length": length, "cond_width": width},
@@ -159,10 +182,12 @@ def train_generator(
                 "optim.learning_rate or optim.grad_clip set"
             )
     metrics_log = JsonlLog(workdir / "metrics.jsonl")
-    metrics_log.write(event="start", step=start, rows=len(bank.rows), resumed=resumed)
+    metrics_log.write(
+        event="start", step=start, rows=len(bank.rows), zero_rows=len(zeros), resumed=resumed
+    )
 
     step_fn = make_train_step(config, mesh)
-    padded = padded_batch_size(len(bank.rows), tcfg.batch_size, mesh.shape["data"])
+    padded = padded_batch_size(num_rows, tcfg.batch_size, mesh.shape["data"])
     evaluations: list[dict] = []
     criterion, stopped, halted = None, False, False
     postfix: dict[str, str] = {}
@@ -187,9 +212,7 @@ def train_generator(
 
     finite_at = -1  # the last step whose whole state was checked finite
     for step in bar:
-        rows, mask = batch_rows(
-            len(bank.rows), tcfg.batch_size, padded, step, tcfg.shuffle, tcfg.seed
-        )
+        rows, mask = batch_rows(num_rows, tcfg.batch_size, padded, step, tcfg.shuffle, tcfg.seed)
         state, metrics = step_fn(state, x0_bank[rows], cond_bank[rows], mask, train_rng)
         done = step + 1
         if done % tcfg.log_every == 0 or done == tcfg.num_steps:
@@ -205,7 +228,7 @@ def train_generator(
             postfix["loss"] = f"{record['loss']:.4f}"
             bar.set_postfix(postfix)
         if done % tcfg.eval_every == 0 or done == tcfg.num_steps:
-            record = _evaluate(state, bank, config, eval_rng, done, mesh, callback)
+            record = _evaluate(state, bank, zeros, config, eval_rng, done, mesh, callback)
             halted = bool(record.pop("halt", False))
             record["wall_s"] = time.perf_counter() - began
             metrics_log.write(event="criterion", step=done, **record)
@@ -228,18 +251,42 @@ def train_generator(
     return TrainResult(state, int(state.step), stopped, criterion, evaluations)
 
 
-def _evaluate(state, bank, config, eval_rng, step, mesh, callback) -> dict[str, Any]:
+def _evaluate(state, bank, zeros, config, eval_rng, step, mesh, callback) -> dict[str, Any]:
     sampler = config.train.criterion_sampler
     began = time.perf_counter()
-    samples = generate(
-        state, bank.conditions, jax.random.fold_in(eval_rng, step), config, sampler, mesh
-    )
+    conditions = np.concatenate([bank.conditions, zeros])  # one sampling call for both
+    samples = generate(state, conditions, jax.random.fold_in(eval_rng, step), config, sampler, mesh)
     samples = np.asarray(jax.device_get(samples))
-    record = {**l2_criterion(samples, bank.weights), "sampler": sampler.describe()}
+    targets = np.concatenate([bank.weights, np.zeros((len(zeros), samples.shape[1]), np.float32)])
+    record = {**l2_criterion(samples, targets), "sampler": sampler.describe()}
+    samples, zero_samples = samples[: len(bank.weights)], samples[len(bank.weights) :]
+    if len(zeros):
+        record["bank_criterion"] = l2_criterion(samples, bank.weights)["criterion"]
+        norms = np.linalg.norm(np.asarray(zero_samples, np.float64), axis=1)
+        record.update(zero_l2_mean=float(norms.mean()), zero_l2_max=float(norms.max()))
     record["sample_s"] = time.perf_counter() - began
     if callback is not None:
         record.update(callback(step, state, samples, dict(record)) or {})
     return record
+
+
+def _zero_conditions(zero_conditions, width: int, source: str) -> np.ndarray:
+    """The zero-target conditions as float32 [M, E] (M = 0 when None), checked."""
+    if zero_conditions is None:
+        return np.zeros((0, width), np.float32)
+    zeros = np.asarray(zero_conditions, np.float32)
+    if zeros.ndim != 2 or zeros.shape[1] != width:
+        raise ValueError(
+            f"{source}: 'zero_conditions' must be [M, {width}] (the bank's condition width), "
+            f"got shape {zeros.shape}"
+        )
+    bad = np.flatnonzero(~np.all(np.isfinite(zeros), axis=1))
+    if bad.size:
+        raise ValueError(
+            f"{source}: zero-augmentation row {int(bad[0])}: 'zero_conditions' has NaN or inf "
+            f"({bad.size} such rows); expected finite condition vectors"
+        )
+    return zeros
 
 
 def _check_same_bank(saved: NormStats, fitted: NormStats, workdir: Path) -> None:

@@ -163,10 +163,21 @@ class GeneratorStageConfig:
     overrides: dict = dataclasses.field(default_factory=dict)
     # Steps when edits are added to a trained generator (warm start; the criterion still stops).
     extend_steps: int = 1000
+    # Zero-weight augmentation (MeG's "DA", METHOD.md §4.4): round(N x this) pseudo-irrelevant
+    # queries from data.pseudo trained towards the zero neuron (`pipeline.generator`). 0: off,
+    # as the paper's main tables; its Table 15 uses 1.0.
+    zero_augmentation: float = 0.0
     retrain: bool = False
 
     def __post_init__(self):
         _require(self.extend_steps >= 1, "generator.extend_steps", ">= 1", self.extend_steps)
+        ratio = self.zero_augmentation
+        _require(
+            isinstance(ratio, int | float) and not isinstance(ratio, bool) and 0 <= ratio < 1e6,
+            "generator.zero_augmentation",
+            "a finite ratio >= 0 (DA queries per edit; 0 = off)",
+            ratio,
+        )
         self.build()  # an unknown preset or override key is a config error, found now
 
     def build(self) -> GeneratorConfig:
@@ -220,6 +231,13 @@ class PipelineConfig:
         )
         _require(self.mesh_model >= 1, "mesh_model", ">= 1", self.mesh_model)
         _require(bool(self.workdir), "workdir", "a directory", self.workdir)
+        # Found now rather than after collection: DA draws its queries from the pseudo-edits.
+        _require(
+            not self.generator.zero_augmentation or bool(self.data.pseudo),
+            "generator.zero_augmentation",
+            "0 when config.data.pseudo is empty (DA queries come from the pseudo-edits)",
+            self.generator.zero_augmentation,
+        )
 
 
 def pipeline_config(config_dict) -> PipelineConfig:
