@@ -123,3 +123,141 @@ def test_sharded_collection_equals_one_device(tiny, tmp_path):
     assert d8["first"]["kernel"] == ["None", "None", "model"]  # model axis of size 1
     assert d4["first"]["width"] == 4 and d4["first"]["rows_per_device"] == [1]
     assert d4["first"]["kernel"] == ["None", "None", "model"]
+
+
+# ---- generator training ------------------------------------------------------------------------
+
+# 60 rows (one failed fit dropped: 59 trained) in minibatches of 16: the fourth batch of each
+# epoch is short and padded, and 6 steps cross an epoch boundary. The criterion at step 6 samples
+# all 59 conditions (split over "data" on the mesh).
+GEN_TRAIN = {
+    "dit": {"cond_dropout": 0.0},
+    "optim": {"learning_rate": 1e-3, "warmup_steps": 2},
+    "train": {
+        "num_steps": 6,
+        "batch_size": 16,
+        "shuffle": True,
+        "eval_every": 6,
+        "log_every": 1,
+        "checkpoint_every": 6,
+    },
+}
+
+_GENERATOR_RUN = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from test_sharded_stages import GEN_TRAIN, generator_bank
+from meg_jax.diffusion import generator_config, train_generator
+from meg_jax.infra.sharding import make_mesh
+
+assert jax.device_count() == 8
+weights, cond, success = generator_bank()
+out = {{}}
+for dtype in ("float32", "bfloat16"):
+    overrides = {{**GEN_TRAIN, "dit": {{**GEN_TRAIN["dit"], "compute_dtype": dtype}}}}
+    config = generator_config(overrides, preset="fast", dit_preset="tiny")
+    result = train_generator(
+        weights, cond, config, {root!r} + "/" + dtype, success=success, mesh=make_mesh(8, 1)
+    )
+    leaves = jax.tree.leaves(result.state.params)
+    np.savez({root!r} + "/" + dtype + ".npz", *[np.asarray(x) for x in leaves])
+    out[dtype] = {{
+        "criterion": result.criterion,
+        "replicated": all(x.sharding.spec == jax.sharding.PartitionSpec() for x in leaves),
+        "copies": len(leaves[0].addressable_shards),
+    }}
+print(json.dumps(out))
+"""
+
+
+def generator_bank(rows: int = 60, length: int = 96, width: int = 16):
+    """(weights [N, P], conditions [N, E], success [N]): a smooth synthetic bank, row 5 failed."""
+    rng = np.random.default_rng(0)
+    cond = rng.normal(size=(rows, width)).astype(np.float32)
+    weights = (0.3 * np.tanh(cond @ rng.normal(size=(width, length)) / 4)).astype(np.float32)
+    success = np.ones(rows, bool)
+    success[5] = False
+    return weights, cond, success
+
+
+def _losses(workdir):
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return np.asarray([e["loss"] for e in events if e["event"] == "train"])
+
+
+def test_sharded_generator_training_equals_one_device(tmp_path):
+    from meg_jax.diffusion import generator_config, train_generator
+
+    root = tmp_path / "eight"
+    code = _GENERATOR_RUN.format(root=str(root))
+    placed = json.loads(run_with_fake_devices(code, n_devices=8).strip().splitlines()[-1])
+
+    weights, cond, success = generator_bank()
+    for dtype, (loss_rtol, param_share) in {
+        # float32: the same sums in another order (the gradient all-reduce over 8 devices), to
+        # float rounding; Adam's first steps are ~lr * sign(g), which flips on near-zero
+        # gradients, hence a share of how far the parameters moved rather than a rounding bound
+        # (as tests/test_diffusion_train.py's one-step comparison).
+        "float32": (1e-5, 0.05),
+        # bfloat16: products rounded to 8 bits of mantissa (relative 2^-8 = 0.4%), per-device
+        # partial sums in another order; a wrong batch or a dropped row moves the loss by far
+        # more (the loss of a fresh generator varies by ~10% across batches). Parameters are
+        # not compared: rounding flips Adam's sign(g) steps on near-zero gradients, and such a
+        # parameter differs by its whole move (measured: 0.0028 of a largest move of 0.0030).
+        "bfloat16": (2e-2, None),
+    }.items():
+        overrides = {**GEN_TRAIN, "dit": {**GEN_TRAIN["dit"], "compute_dtype": dtype}}
+        config = generator_config(overrides, preset="fast", dit_preset="tiny")
+        init = generator_config(
+            {**overrides, "train": {**GEN_TRAIN["train"], "num_steps": 1}},
+            preset="fast",
+            dit_preset="tiny",
+        )
+        one = train_generator(weights, cond, config, tmp_path / dtype, success=success)
+        start = train_generator(weights, cond, init, tmp_path / f"{dtype}_start", success=success)
+        a = [np.asarray(x) for x in jax.tree.leaves(one.state.params)]
+        s = [np.asarray(x) for x in jax.tree.leaves(start.state.params)]
+        with np.load(root / f"{dtype}.npz") as f:
+            b = [f[f"arr_{i}"] for i in range(len(a))]
+        diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
+        moved = max(float(np.abs(x - y).max()) for x, y in zip(a, s, strict=True))
+        losses_one, losses_eight = _losses(tmp_path / dtype), _losses(root / dtype)
+        assert len(losses_one) == 6
+        np.testing.assert_allclose(losses_eight, losses_one, rtol=loss_rtol, err_msg=dtype)
+        assert moved > 1e-4, (dtype, moved)
+        if param_share is not None:
+            assert diff < param_share * moved, (dtype, diff, moved)
+        assert placed[dtype]["criterion"] == pytest.approx(one.criterion, rel=10 * loss_rtol)
+        assert placed[dtype]["replicated"] and placed[dtype]["copies"] == 8  # batch split
+        print(
+            dtype,
+            "params",
+            diff,
+            "of",
+            moved,
+            "losses",
+            np.abs(losses_eight / losses_one - 1).max(),
+        )
+
+
+def test_minibatches_are_the_normalised_bank_without_a_copy():
+    from meg_jax.diffusion import generator_config
+    from meg_jax.diffusion.bank import prepare_bank
+    from meg_jax.diffusion.normalization import center_conditions, fit_normalization, normalize
+    from meg_jax.diffusion.train import _minibatch
+
+    weights, cond, success = generator_bank()
+    config = generator_config(GEN_TRAIN, preset="fast", dit_preset="tiny")
+    # Every row kept: the training bank is the caller's arrays, not a copy.
+    whole = prepare_bank(weights, cond)
+    assert whole.weights is weights and whole.conditions is cond
+    bank = prepare_bank(weights, cond, success)
+    zeros = np.random.default_rng(1).normal(size=(3, cond.shape[1])).astype(np.float32)
+    norm = fit_normalization(config.normalization, bank.weights, bank.conditions)
+    rows = np.array([58, 0, 59, 61, 3, 0])  # bank rows, zero rows (59..61), padding copies
+    x0, c = _minibatch(bank, zeros, norm, rows)
+    full_x0 = np.asarray(normalize(norm, np.concatenate([bank.weights, np.zeros((3, 96))])))
+    full_c = np.asarray(center_conditions(norm, np.concatenate([bank.conditions, zeros])))
+    np.testing.assert_array_equal(x0, full_x0[rows].astype(np.float32))
+    np.testing.assert_array_equal(c, full_c[rows])

@@ -101,7 +101,7 @@ def load_bank(path) -> WeightBank:
         )
     bank = WeightBank(
         arrays["case_id"].astype(np.int64),
-        arrays["weights"].astype(np.float32),
+        arrays["weights"].astype(np.float32, copy=False),  # no second copy of the bank
         arrays["success"].astype(bool),
         arrays["final_loss"].astype(np.float32),
         arrays["init"].astype(np.float32),

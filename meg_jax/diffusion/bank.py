@@ -5,6 +5,11 @@ Axes: N bank rows, P neuron vector length, E condition width, B batch (padded).
 Rows whose fit failed (NaN weights, or `success` false) are dropped with a logged count: the
 reference trains only on successful edits. A non-finite condition on a kept row is an error
 (an encoder bug, not a failed edit), named by its row index.
+
+Memory: the kept rows are the caller's arrays themselves when every row is kept (float32
+already), a copy of the kept rows only when some are dropped; training gathers and normalises
+one minibatch at a time from them (`diffusion.train`), so a bank of 10,000 x 8,193 values is
+held once, not once per processing stage.
 """
 
 import logging
@@ -71,7 +76,15 @@ def prepare_bank(
     if not keep.any():
         raise ValueError(f"{source}: no usable rows (all {weights.shape[0]} failed or NaN)")
     rows = np.flatnonzero(keep)
-    return TrainingBank(weights[rows].astype(np.float32), conditions[rows].astype(np.float32), rows)
+    if keep.all():  # no copy: the caller's arrays (converted only if not float32)
+        return TrainingBank(
+            weights.astype(np.float32, copy=False), conditions.astype(np.float32, copy=False), rows
+        )
+    return TrainingBank(
+        weights[rows].astype(np.float32, copy=False),
+        conditions[rows].astype(np.float32, copy=False),
+        rows,
+    )
 
 
 def padded_batch_size(num_rows: int, batch_size: int, data_shards: int) -> int:

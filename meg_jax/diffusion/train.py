@@ -61,9 +61,10 @@ from meg_jax.diffusion.normalization import (
 )
 from meg_jax.diffusion.train_step import TrainState, init_state, make_train_step
 from meg_jax.infra.config import dataclass_from_dict
+from meg_jax.infra.distributed import device_put_global
 from meg_jax.infra.files import write_json_atomic
 from meg_jax.infra.runs import JsonlLog, checkpoint_manager, restore_or, save
-from meg_jax.infra.sharding import make_mesh, replicated
+from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +102,27 @@ def _state_finite(state: TrainState) -> bool:
     return bool(_all_finite((state.params, state.ema_params, state.opt_state)))
 
 
-def l2_criterion(samples: np.ndarray, targets: np.ndarray) -> dict:
-    """Per-item raw-space L2 [N] and its mean, unbiased std and mean + std (the stop value)."""
-    l2 = np.linalg.norm(np.asarray(samples, np.float64) - np.asarray(targets, np.float64), axis=1)
+def row_l2(samples: np.ndarray, targets: np.ndarray | None = None, chunk: int = 1024) -> np.ndarray:
+    """[N] float64 raw-space L2 distance of each sample row [N, P] to its target row (to 0 when
+    `targets` is None), `chunk` rows at a time: no float64 copy of a whole bank is made."""
+    out = np.empty(len(samples), np.float64)
+    for start in range(0, len(samples), chunk):
+        diff = np.asarray(samples[start : start + chunk], np.float64)
+        if targets is not None:
+            diff -= np.asarray(targets[start : start + chunk], np.float64)
+        out[start : start + chunk] = np.linalg.norm(diff, axis=1)
+    return out
+
+
+def l2_summary(l2: np.ndarray) -> dict:
+    """Mean, unbiased std (as torch.std) and mean + std (the stop value) of per-item L2 [N]."""
     std = float(l2.std(ddof=1)) if l2.size > 1 else 0.0
     return {"l2_mean": float(l2.mean()), "l2_std": std, "criterion": float(l2.mean()) + std}
+
+
+def l2_criterion(samples: np.ndarray, targets: np.ndarray) -> dict:
+    """Per-item raw-space L2 [N] and its mean, unbiased std and mean + std (the stop value)."""
+    return l2_summary(row_l2(samples, targets))
 
 
 def _rngs(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -149,15 +166,10 @@ def train_generator(
     else:
         norm = NormStats(*(jnp.asarray(x, jnp.float32) for x in warm_start.norm))
     length, width = bank.weights.shape[1], bank.conditions.shape[1]
-    # Training rows: the bank, then the zero rows (target: the zero neuron in RAW space).
-    x0_bank = np.asarray(
-        normalize(norm, np.concatenate([bank.weights, np.zeros((len(zeros), length), np.float32)])),
-        np.float32,
-    )
-    cond_bank = np.asarray(
-        center_conditions(norm, np.concatenate([bank.conditions, zeros])), np.float32
-    )
-    num_rows = len(x0_bank)
+    # Training rows: the bank, then the zero rows (target: the zero neuron in RAW space). Each
+    # minibatch is gathered from the one bank array and normalised on its own (`_minibatch`):
+    # no normalised copy of the whole bank is ever made.
+    num_rows = len(bank.weights) + len(zeros)
     write_json_atomic(
         workdir / "generator.json",
         {"config": dataclasses.asdict(config), "length": length, "cond_width": width},
@@ -166,7 +178,7 @@ def train_generator(
     manager = checkpoint_manager(workdir, tcfg.max_to_keep)
     initial = init_state(config, norm, width, init_rng, mesh)
     if warm_start is not None:
-        weights = jax.device_put(warm_start.params, replicated(mesh))
+        weights = device_put_global(warm_start.params, replicated(mesh))
         # Its own buffers: the train step donates params and EMA separately.
         ema = jax.tree.map(jnp.copy, weights) if initial.ema_params is not None else None
         initial = initial.replace(params=weights, ema_params=ema)
@@ -213,7 +225,10 @@ def train_generator(
     finite_at = -1  # the last step whose whole state was checked finite
     for step in bar:
         rows, mask = batch_rows(num_rows, tcfg.batch_size, padded, step, tcfg.shuffle, tcfg.seed)
-        state, metrics = step_fn(state, x0_bank[rows], cond_bank[rows], mask, train_rng)
+        x0, cond = _minibatch(bank, zeros, norm, rows)
+        # Placed first: jit refuses host arrays for a split input when the mesh spans processes.
+        x0, cond, mask = shard_batch(mesh, (x0, cond, mask))
+        state, metrics = step_fn(state, x0, cond, mask, train_rng)
         done = step + 1
         if done % tcfg.log_every == 0 or done == tcfg.num_steps:
             record = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -257,17 +272,34 @@ def _evaluate(state, bank, zeros, config, eval_rng, step, mesh, callback) -> dic
     conditions = np.concatenate([bank.conditions, zeros])  # one sampling call for both
     samples = generate(state, conditions, jax.random.fold_in(eval_rng, step), config, sampler, mesh)
     samples = np.asarray(jax.device_get(samples))
-    targets = np.concatenate([bank.weights, np.zeros((len(zeros), samples.shape[1]), np.float32)])
-    record = {**l2_criterion(samples, targets), "sampler": sampler.describe()}
-    samples, zero_samples = samples[: len(bank.weights)], samples[len(bank.weights) :]
+    n = len(bank.weights)
+    # Zero rows' target is the zero neuron: their L2 is the norm of their sample.
+    l2 = np.concatenate([row_l2(samples[:n], bank.weights), row_l2(samples[n:])])
+    record = {**l2_summary(l2), "sampler": sampler.describe()}
+    samples = samples[:n]
     if len(zeros):
-        record["bank_criterion"] = l2_criterion(samples, bank.weights)["criterion"]
-        norms = np.linalg.norm(np.asarray(zero_samples, np.float64), axis=1)
+        record["bank_criterion"] = l2_summary(l2[:n])["criterion"]
+        norms = l2[n:]
         record.update(zero_l2_mean=float(norms.mean()), zero_l2_max=float(norms.max()))
     record["sample_s"] = time.perf_counter() - began
     if callback is not None:
         record.update(callback(step, state, samples, dict(record)) or {})
     return record
+
+
+def _minibatch(bank, zeros, norm: NormStats, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(x0 [B, P], centred conditions [B, E]) of training rows `rows` (bank rows, then the zero
+    rows): B rows gathered from the bank and normalised here, the same values as normalising the
+    whole bank first (the map is elementwise), without holding that second copy."""
+    n = len(bank.weights)
+    in_bank = rows < n
+    raw = np.zeros((len(rows), bank.weights.shape[1]), np.float32)
+    raw[in_bank] = bank.weights[rows[in_bank]]
+    cond = np.empty((len(rows), bank.conditions.shape[1]), np.float32)
+    cond[in_bank] = bank.conditions[rows[in_bank]]
+    cond[~in_bank] = zeros[rows[~in_bank] - n]
+    x0 = np.asarray(normalize(norm, raw), np.float32)
+    return x0, np.asarray(center_conditions(norm, cond), np.float32)
 
 
 def _zero_conditions(zero_conditions, width: int, source: str) -> np.ndarray:
@@ -309,7 +341,8 @@ def load_generator(workdir: str | Path) -> tuple[GeneratorParams, GeneratorConfi
     config = dataclass_from_dict(GeneratorConfig, meta["config"], str(meta_path))
     length, width = int(meta["length"]), int(meta["cond_width"])
     blank = NormStats(jnp.zeros(length), jnp.ones(length), jnp.zeros(width))
-    target = init_state(config, blank, width, jax.random.key(0), make_mesh(1, 1, jax.devices()[:1]))
+    local = make_mesh(1, 1, jax.local_devices()[:1])  # every process restores a whole copy
+    target = init_state(config, blank, width, jax.random.key(0), local)
     state, found = restore_or(checkpoint_manager(workdir, config.train.max_to_keep), target)
     if not found:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")
