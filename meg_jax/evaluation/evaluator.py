@@ -14,6 +14,13 @@ first locality prompt against the unedited model's greedy answer (`loc_labels`).
 processed greedy continuation compared as a string; TF is the reference's re-tokenised token
 accuracy ("reference") or the single-forward variant ("fast").
 
+`EvalConfig.all_prompts` evaluates EVERY paraphrase and locality prompt a record has (MEMIT's
+multi_counterfact: 2 and 10), each locality prompt against the unedited model's own answer to
+it. Each reading is then the mean over prompts (every prompt counts once; `n_gen`, `n_loc` count
+prompts), and the first-prompt readings of MeG's protocol stay beside it (`first_prompt`).
+A row keeps its first prompt of each kind in the usual fields (`gen_query`, `gen_ag`, ...) and
+the others in `gen_extra` / `loc_extra` (a dict per prompt); `kind_entries` reads both.
+
 Two shortcuts change no reading (`EvalConfig.stop_at_cut`, `reuse_generation`, both on by
 default; a test compares them with the plain path): generations end at their first token that
 holds a cut every kind applies (so stored predictions stop there too), and reference-TF steps that
@@ -70,6 +77,9 @@ class EvalConfig:
     # Largest share of empty pre-edit locality answers: above it Loc compares "" with "" and
     # measures nothing, so the run stops (`check_locality_labels`).
     max_empty_labels: float = 0.1
+    # Every paraphrase and locality prompt, not only the first (see the module docstring):
+    # `loc_labels` and `loc_reference` then hold one entry per locality prompt of each record.
+    all_prompts: bool = False
 
     def __post_init__(self):
         # Checked when the config is built, not when evaluation reaches them after all training.
@@ -118,17 +128,67 @@ class _Query:
     kind: str  # rel | gen | loc
     text: str  # the raw query (what the editor sees)
     target: str  # target_new, or the pre-edit answer for loc
+    slot: int = 0  # which paraphrase / locality prompt of its record (0: the first)
 
 
-def _queries(records: Sequence[EditRecord], loc_labels: Sequence[str] | None) -> list[_Query]:
+# Per record: the first locality prompt's label, or (all_prompts) one label per locality prompt.
+LocLabels = Sequence[str] | Sequence[Sequence[str]]
+
+
+def _record_labels(record: EditRecord, label, all_prompts: bool) -> list[str]:
+    """The labels of the locality prompts a record is evaluated on, checked against them."""
+    if not all_prompts:  # the first prompt only; a per-prompt tuple gives its first label
+        return [label if isinstance(label, str) else label[0]]
+    if isinstance(label, str) or len(label) != len(record.locality_prompts):
+        got = "one label (the first-prompt form)" if isinstance(label, str) else len(label)
+        raise ValueError(
+            f"{record.source.describe('locality_prompts')}: evaluation.all_prompts needs one "
+            f"pre-edit label per locality prompt ({len(record.locality_prompts)}), got {got}"
+        )
+    return list(label)
+
+
+def _queries(
+    records: Sequence[EditRecord], loc_labels: LocLabels | None, all_prompts: bool = False
+) -> list[_Query]:
     out = []
     for i, record in enumerate(records):
         out.append(_Query(i, "rel", record.prompt, record.target_new))
-        if record.paraphrases:
-            out.append(_Query(i, "gen", record.paraphrases[0], record.target_new))
+        paraphrases = record.paraphrases if all_prompts else record.paraphrases[:1]
+        out += [_Query(i, "gen", p, record.target_new, j) for j, p in enumerate(paraphrases)]
         if record.locality_prompts and loc_labels is not None:
-            out.append(_Query(i, "loc", record.locality_prompts[0], loc_labels[i]))
+            prompts = record.locality_prompts if all_prompts else record.locality_prompts[:1]
+            labels = _record_labels(record, loc_labels[i], all_prompts)
+            out += [
+                _Query(i, "loc", p, a, j)
+                for j, (p, a) in enumerate(zip(prompts, labels, strict=True))
+            ]
     return out
+
+
+def kind_entries(rows: Sequence[dict], kind: str) -> list[dict]:
+    """Every evaluated query of `kind` in `rows`, in order: per record the first prompt (the
+    row's own `{kind}_*` fields), then its `{kind}_extra` ones (all_prompts). Each entry is a
+    dict with `query`, `prediction`, `ag`, `tf` (and `generated`, `tf_self` for loc when known)."""
+    out = []
+    for row in rows:
+        if f"{kind}_query" not in row:
+            continue
+        first = {
+            field: row[f"{kind}_{field}"]
+            for field in ("query", "prediction", "ag", "tf", "generated", "tf_self")
+            if f"{kind}_{field}" in row
+        }
+        out += [first, *row.get(f"{kind}_extra", [])]
+    return out
+
+
+def loc_references(rows: Sequence[dict], all_prompts: bool) -> list:
+    """The unedited model's locality generations in `rows`, as `evaluate_meg`'s `loc_reference`
+    expects them: per record the first prompt's ids, or (all_prompts) a list per prompt."""
+    if not all_prompts:
+        return [row.get("loc_generated", []) for row in rows]
+    return [[e.get("generated", []) for e in kind_entries([row], "loc")] for row in rows]
 
 
 def _tf_flags(
@@ -188,14 +248,17 @@ def evaluate_meg(
     records: Sequence[EditRecord],
     template: PromptTemplate,
     editor: Editor,
-    loc_labels: Sequence[str] | None,
+    loc_labels: LocLabels | None,
     cfg: EvalConfig = EvalConfig(),
-    loc_reference: Sequence[Sequence[int]] | Literal["own"] | None = None,
+    loc_reference: Sequence | Literal["own"] | None = None,
 ) -> tuple[list[dict], dict]:
     """MeG P5 over `records`: (per-record rows, summary with the six readings and Score).
 
+    `loc_labels`: per record the unedited model's answer to its first locality prompt, or with
+    `cfg.all_prompts` a sequence of answers, one per locality prompt. None: no Loc readings.
     `loc_reference`: per record, the unedited model's generated ids for its locality prompt
-    (stop token included; "own": this call's generation, for the unedited model itself). With
+    (with `cfg.all_prompts` a list of them, one per prompt: `loc_references(rows, True)`),
+    stop token included; "own": this call's generation, for the unedited model itself. With
     it, `loc_tf_self` is the teacher-forced accuracy on those very tokens (no re-tokenisation),
     so the unedited model scores exactly 100; `loc_tf` stays the reference's re-tokenised form.
     Rows keep each locality generation's ids (`loc_generated`) to serve as that reference.
@@ -203,7 +266,7 @@ def evaluate_meg(
     if cfg.limit:
         records = records[: cfg.limit]
         loc_labels = None if loc_labels is None else loc_labels[: cfg.limit]
-    queries = _queries(records, loc_labels)
+    queries = _queries(records, loc_labels, cfg.all_prompts)
     neurons = editor([q.text for q in queries])
     if len(neurons.w_in) != len(queries):
         raise ValueError(f"editor returned {len(neurons.w_in)} neurons for {len(queries)} queries")
@@ -217,11 +280,12 @@ def evaluate_meg(
     self_flags = None
     if loc_reference is not None and loc_idx:
         own = [generated[i] for i in loc_idx]
-        refs = (
-            own
-            if isinstance(loc_reference, str)
-            else [loc_reference[queries[i].record] for i in loc_idx]
-        )
+        if isinstance(loc_reference, str):
+            refs = own
+        elif cfg.all_prompts:
+            refs = [loc_reference[queries[i].record][queries[i].slot] for i in loc_idx]
+        else:
+            refs = [loc_reference[queries[i].record] for i in loc_idx]
         self_flags = _self_tf_flags(
             runner,
             [prompts[i] for i in loc_idx],
@@ -234,7 +298,7 @@ def evaluate_meg(
     by_kind: dict[str, list[int]] = {k: [] for k in KINDS}
     for i, q in enumerate(queries):
         by_kind[q.kind].append(i)
-    summary: dict = {"n_records": len(records)}
+    ag_flags: dict[int, bool] = {}  # query -> its AG verdict
     for kind, idx in by_kind.items():
         if not idx:
             continue
@@ -244,31 +308,58 @@ def evaluate_meg(
             ag = locality_ag_correct(conts, targets, template.locality_cuts)
         else:
             ag = answer_ag_correct(conts, targets, template.answer_cuts, cfg.match_rule)
-        flags = [tf[i] for i in idx]
-        summary[f"{kind}_ag"] = percent(ag)
-        summary[f"{kind}_tf"] = tf_accuracy(flags)
-        summary[f"n_{kind}"] = len(idx)
-        for i, ok, f, c in zip(idx, ag, flags, conts, strict=True):
-            row = rows[queries[i].record]
-            row[f"{kind}_query"] = queries[i].text
-            row[f"{kind}_prediction"] = c
-            row[f"{kind}_ag"] = bool(ok)
-            row[f"{kind}_tf"] = float(np.mean(f))
-    for n, i in enumerate(loc_idx):
-        row = rows[queries[i].record]
-        row["loc_generated"] = list(generated[i])
-        if self_flags is not None:
-            row["loc_tf_self"] = float(np.mean(self_flags[n]))
+        ag_flags.update(zip(idx, (bool(ok) for ok in ag), strict=True))
+    self_of = {} if self_flags is None else dict(zip(loc_idx, self_flags, strict=True))
+    for i, q in enumerate(queries):
+        entry = {
+            "query": q.text,
+            "prediction": continuations[i],
+            "ag": ag_flags[i],
+            "tf": float(np.mean(tf[i])),
+        }
+        if q.kind == "loc":
+            entry["generated"] = list(generated[i])
+            if i in self_of:
+                entry["tf_self"] = float(np.mean(self_of[i]))
+        row = rows[q.record]
+        if q.slot == 0:
+            row.update({f"{q.kind}_{field}": value for field, value in entry.items()})
+        else:
+            row.setdefault(f"{q.kind}_extra", []).append(entry)
+    summary: dict = {"n_records": len(records)}
+    summary.update(_readings(by_kind, ag_flags, tf, self_of))
     if loc_labels is not None:
-        summary["empty_label_share"] = sum(not a for a in loc_labels) / max(len(loc_labels), 1)
-    if all(k in summary for k in SIX):
-        summary["score"] = meg_score(*(summary[k] for k in SIX))
-    if self_flags is not None:
-        summary["loc_tf_self"] = tf_accuracy(self_flags)
-        if "score" in summary:
-            readings = [summary[k] if k != "loc_tf" else summary["loc_tf_self"] for k in SIX]
-            summary["score_loc_tf_self"] = meg_score(*readings)
+        labels = [queries[i].target for i in by_kind["loc"]]
+        summary["empty_label_share"] = sum(not a for a in labels) / max(len(labels), 1)
+    if cfg.all_prompts:  # MeG's first-prompt protocol beside the all-prompt readings
+        summary["all_prompts"] = True
+        first = {k: [i for i in idx if queries[i].slot == 0] for k, idx in by_kind.items()}
+        summary["first_prompt"] = _readings(first, ag_flags, tf, self_of)
     return rows, summary
+
+
+def _readings(
+    by_kind: dict[str, list[int]],
+    ag: dict[int, bool],
+    tf: Sequence[np.ndarray],
+    self_of: dict[int, np.ndarray],
+) -> dict:
+    """The six readings (each a mean over the given queries), counts, Score and Loc TF self."""
+    out: dict = {}
+    for kind, idx in by_kind.items():
+        if idx:
+            out[f"{kind}_ag"] = percent([ag[i] for i in idx])
+            out[f"{kind}_tf"] = tf_accuracy([tf[i] for i in idx])
+            out[f"n_{kind}"] = len(idx)
+    if all(k in out for k in SIX):
+        out["score"] = meg_score(*(out[k] for k in SIX))
+    own = [self_of[i] for i in by_kind.get("loc", []) if i in self_of]
+    if own:
+        out["loc_tf_self"] = tf_accuracy(own)
+        if "score" in out:
+            readings = [out[k] if k != "loc_tf" else out["loc_tf_self"] for k in SIX]
+            out["score_loc_tf_self"] = meg_score(*readings)
+    return out
 
 
 def _self_tf_flags(

@@ -28,7 +28,10 @@ def format_table(summary: dict, title: str = "MeG protocol (P5)") -> str:
     cells = " | ".join(f"{summary[k]:7.2f}" for k in keys)
     score = summary.get("score")
     cells += f" | {score:7.2f}" if score is not None else " |       -"
-    return f"{title} (n={summary.get('n_records', '?')})\n{head}\n{cells}"
+    counts = f"n={summary.get('n_records', '?')}"
+    if summary.get("all_prompts"):  # the readings average over prompts, not records
+        counts += f"; all prompts: {summary.get('n_gen', 0)} Gen, {summary.get('n_loc', 0)} Loc"
+    return f"{title} ({counts})\n{head}\n{cells}"
 
 
 def plot_six(summary: dict, path: Path, title: str) -> None:
@@ -77,4 +80,27 @@ def format_comparison(summaries: dict[str, dict], names: dict[str, str]) -> str:
         score = summary.get("score")
         cells += f" | {score:7.2f}" if score is not None else " |       -"
         lines.append(f"{label:{width}} | {cells}")
+    return "\n".join(lines)
+
+
+def format_routing(summary: dict) -> str:
+    """Where each AG reading is won or lost (`summary["routing"]`, MeG only; "" without it): per
+    query kind the queries, the share routed, AG when routed, AG when given the zero neuron, the
+    headline AG they add up to, and AG of the bank's own fitted neuron (the generator's upper
+    bound; Rel and Gen)."""
+    routing = summary.get("routing")
+    if not routing:
+        return ""
+
+    def cell(value, width=9):
+        return f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"
+
+    head = "kind |     n |  routed | AG routed | AG zero n. |        AG | AG bank n."
+    lines = ["Routing breakdown (AG, %)", head, "-" * len(head)]
+    for kind, entry in routing.items():
+        lines.append(
+            f"{kind:4} | {entry.get('n', 0):5d} | {cell(100 * entry['routed'], 7)} | "
+            f"{cell(entry['ag_when_routed'])} | {cell(entry['ag_when_not_routed'], 10)} | "
+            f"{cell(summary.get(f'{kind}_ag'))} | {cell(entry.get('ag_bank_neuron'), 10)}"
+        )
     return "\n".join(lines)

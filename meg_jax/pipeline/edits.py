@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from meg_jax.data.locate import locate
-from meg_jax.data.preprocess import meg_preprocess_config, prepare_edits
+from meg_jax.data.preprocess import meg_preprocess_config, pre_edit_answers, prepare_edits
 from meg_jax.data.records import DataFormatError, EditRecord
 from meg_jax.data.rephrases import apply_rephrases, read_rephrases
 from meg_jax.data.sources import read_spec, split_spec
@@ -167,6 +167,26 @@ def prepare(ctx: RunContext, source: str, n: int, add: str = "") -> EditSet:
     return EditSet(tuple(records), None if labels is None else tuple(labels))
 
 
+def every_locality_label(
+    ctx: RunContext, records: list[EditRecord], first: tuple[str, ...]
+) -> tuple[tuple[str, ...], ...]:
+    """Per record, the unedited model's processed answer to EVERY locality prompt
+    (`evaluation.all_prompts`), in the record's order.
+
+    Asked through the same `AnswerMemo` and post-processing as the first-prompt labels of the
+    edit set, so only prompts never asked before cost generation, and the memo file stays the
+    one prompt -> answer map. The first entry is the edit set's own label (`first`), so the
+    first-prompt readings of an all-prompt evaluation are MeG's protocol exactly.
+    """
+    memo = AnswerMemo(ctx)
+    rest = [p for r in records for p in r.locality_prompts[1:]]
+    answers = iter(pre_edit_answers(rest, ctx.template, memo))
+    return tuple(
+        (label, *(next(answers) for _ in r.locality_prompts[1:]))
+        for r, label in zip(records, first, strict=True)
+    )
+
+
 def run_edits_stage(ctx: RunContext) -> EditSet:
     """The run's edit set: prepared once, then read back while its inputs are unchanged."""
     d = ctx.cfg.data
@@ -195,6 +215,10 @@ def run_edits_stage(ctx: RunContext) -> EditSet:
     edits = prepare(ctx, d.edits, d.n_edits, d.add)
     if edits.locality_labels is not None:  # before any training: Loc must measure something
         check_locality_labels(edits.locality_labels, d.edits, ctx.cfg.evaluation.max_empty_labels)
+        if ctx.cfg.evaluation.all_prompts:  # every locality prompt is a label then (memoised)
+            every = every_locality_label(ctx, list(edits.records), edits.locality_labels)
+            flat = [a for labels in every for a in labels]
+            check_locality_labels(flat, d.edits, ctx.cfg.evaluation.max_empty_labels)
     write_json_atomic(path, edits.to_json())
     empty = sum(not a for a in edits.locality_labels or ())
     stage.finish(

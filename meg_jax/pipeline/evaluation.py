@@ -16,19 +16,25 @@ from typing import Any
 
 import numpy as np
 
+from meg_jax.collect.bank import WeightBank, load_bank
+from meg_jax.data.records import EditRecord
 from meg_jax.evaluation.evaluator import (
     KINDS,
+    EvalConfig,
     check_locality_labels,
     evaluate_classic,
     evaluate_meg,
+    kind_entries,
+    loc_references,
 )
-from meg_jax.evaluation.report import format_comparison, write_report
+from meg_jax.evaluation.report import format_comparison, format_routing, write_report
 from meg_jax.inference.editor import Editor, MeGEditor, zero_editor
 from meg_jax.inference.runner import ModelRunner
 from meg_jax.infra.files import write_json_atomic
 from meg_jax.infra.fingerprint import StageInputs, digest
+from meg_jax.models.neuron import Neuron, unflatten_neuron
 from meg_jax.pipeline.context import RunContext, log
-from meg_jax.pipeline.edits import EditSet, prepare, read_records
+from meg_jax.pipeline.edits import EditSet, every_locality_label, prepare, read_records
 
 UNEDITED = ("unedited", "unedited model")
 
@@ -60,23 +66,115 @@ def evaluated_edits(ctx: RunContext, edits: EditSet) -> tuple[EditSet, str]:
     return prepare(ctx, e.edits, e.n_edits or ctx.cfg.data.n_edits), e.edits
 
 
-def routing_breakdown(rows: list[dict], routed: dict[str, np.ndarray]) -> dict:
-    """Per query kind: the share routed, and AG accuracy among routed and unrouted queries."""
+def routing_breakdown(
+    rows: list[dict], routed: dict[str, np.ndarray], bank_rows: list[dict] | None = None
+) -> dict:
+    """Where each reading is won or lost, per query kind (every evaluated query, in
+    `kind_entries` order, so with `evaluation.all_prompts` every prompt):
+
+      routed              the share of queries the router sends to the generator
+      ag_when_routed      AG among them (None when there are none)
+      ag_when_not_routed  AG among the queries given the zero neuron (the unedited model)
+      ag_bank_neuron      with `bank_rows` (the same records evaluated with their bank neuron,
+                          `bank_neuron_editor`): AG of the neuron collection fitted for the
+                          edit, the generator's upper bound; also split by routing
+
+    routed x ag_when_routed + (1 - routed) x ag_when_not_routed is the headline `{kind}_ag`.
+    """
     out = {}
     for kind, flags in routed.items():
-        ag = np.asarray([row[f"{kind}_ag"] for row in rows if f"{kind}_ag" in row], bool)
-        entry = {"routed": float(flags.mean()) if flags.size else 0.0}
+        entries = kind_entries(rows, kind)
+        ag = np.asarray([e["ag"] for e in entries], bool)
+        entry: dict = {"routed": float(flags.mean()) if flags.size else 0.0, "n": int(flags.size)}
         for name, mask in (("ag_when_routed", flags), ("ag_when_not_routed", ~flags)):
-            entry[name] = float(100.0 * ag[mask].mean()) if mask.any() else None
+            entry[name] = _percent_or_none(ag, mask)
+        if bank_rows is not None and kind != "loc":
+            entry.update(_bank_breakdown(rows, bank_rows, kind, flags))
         out[kind] = entry
     return out
 
 
-def _routed(editor: MeGEditor, rows: list[dict]) -> dict[str, np.ndarray]:
-    return {
-        kind: editor.routed([row[f"{kind}_query"] for row in rows if f"{kind}_query" in row])
-        for kind in KINDS
+def _percent_or_none(flags: np.ndarray, mask: np.ndarray) -> float | None:
+    return float(100.0 * flags[mask].mean()) if mask.any() else None
+
+
+def _bank_breakdown(rows: list[dict], bank_rows: list[dict], kind: str, routed: np.ndarray) -> dict:
+    """AG of the bank's neurons on the queries of `kind`, matched by (record id, prompt slot):
+    over all queries that have one, and among the routed and the unrouted ones."""
+    bank = {
+        (row["id"], slot): e["ag"]
+        for row in bank_rows
+        for slot, e in enumerate(kind_entries([row], kind))
     }
+    keys = [(row["id"], slot) for row in rows for slot in range(len(kind_entries([row], kind)))]
+    have = np.asarray([k in bank for k in keys], bool)
+    ag = np.asarray([bank.get(k, False) for k in keys], bool)
+    return {
+        "n_bank_neuron": int(have.sum()),
+        "ag_bank_neuron": _percent_or_none(ag, have),
+        "ag_bank_neuron_when_routed": _percent_or_none(ag, have & routed),
+        "ag_bank_neuron_when_not_routed": _percent_or_none(ag, have & ~routed),
+    }
+
+
+def _routed(editor: MeGEditor, rows: list[dict]) -> dict[str, np.ndarray]:
+    return {kind: editor.routed([e["query"] for e in kind_entries(rows, kind)]) for kind in KINDS}
+
+
+def bank_neuron_editor(
+    records: list[EditRecord], bank: WeightBank, d_model: int, with_bias: bool
+) -> tuple[Editor, list[EditRecord]]:
+    """A fixed-neuron editor: a record's edit prompt and paraphrases get the neuron collection
+    fitted for it (bank rows matched by case id), any other text the zero neuron.
+
+    Returns (the editor, the records it covers: those with a fitted row; failed fits are NaN).
+    A text shared by two records keeps the first record's neuron.
+    """
+    rows = {int(c): i for i, c in enumerate(bank.case_id)}
+    fitted = bank.fitted
+    covered = [r for r in records if r.id in rows and fitted[rows[r.id]]]
+    by_text: dict[str, int] = {}
+    for r in covered:
+        for text in (r.prompt, *r.paraphrases):
+            by_text.setdefault(text, rows[r.id])
+    weights = np.concatenate([bank.weights, np.zeros_like(bank.weights[:1])])  # last: zero
+    zero_row = len(bank.weights)
+
+    def editor(queries) -> Neuron:
+        picked = weights[[by_text.get(q, zero_row) for q in queries]]
+        neuron = unflatten_neuron(picked, d_model, with_bias)
+        return Neuron(*(np.asarray(part, np.float32) for part in neuron))
+
+    return editor, covered
+
+
+def _run_bank(ctx: RunContext) -> WeightBank | None:
+    """The collection stage's bank of this work directory, else the given `collect.bank`."""
+    path = ctx.workdir / "collect" / "bank.npz"
+    if path.is_file():
+        return load_bank(path)
+    return load_bank(ctx.cfg.collect.bank) if ctx.cfg.collect.bank else None
+
+
+def bank_neuron_readings(
+    ctx: RunContext, runner: ModelRunner, records: list[EditRecord], e: EvalConfig
+) -> tuple[list[dict] | None, dict]:
+    """Rel and Gen with each record's own bank neuron (rows, summary fields), or (None, {})
+    when no bank is at hand or it covers none of `records` (e.g. a held-out split)."""
+    bank = _run_bank(ctx)
+    if bank is None:
+        return None, {}
+    config = ctx.host().config
+    editor, covered = bank_neuron_editor(records, bank, config.d_model, config.neuron_has_bias)
+    if not covered:
+        return None, {"n_bank_neuron": 0}
+    rows, summary = evaluate_meg(runner, covered, ctx.template, editor, None, e)
+    fields = {"n_bank_neuron": len(covered)}
+    for kind in ("rel", "gen"):
+        for reading in ("ag", "tf"):
+            if f"{kind}_{reading}" in summary:
+                fields[f"{kind}_{reading}_bank_neuron"] = summary[f"{kind}_{reading}"]
+    return rows, fields
 
 
 def run_evaluation_stage(
@@ -87,6 +185,8 @@ def run_evaluation_stage(
     evaluated, source = evaluated_edits(ctx, edits)
     config = dataclasses.asdict(e)
     config.pop("retrain")
+    if not e.all_prompts:  # absent unless set: earlier work directories keep their inputs
+        config.pop("all_prompts")
     inputs = StageInputs(
         config=config,
         upstream={**lineages, "trained_on": digest(edits.items)[:16]},
@@ -97,6 +197,7 @@ def run_evaluation_stage(
         summaries = stage.summary()
         stage.report(f"Score {summaries[edited.name].get('score', float('nan')):.2f}")
         print(format_comparison(summaries, edited.rows))
+        _print_routing(summaries[edited.name])
         return summaries
     stage.start()
     host, runner = ctx.host(), ctx.runner()
@@ -109,6 +210,9 @@ def run_evaluation_stage(
     records, labels = list(evaluated.records), evaluated.locality_labels
     if labels is not None:
         check_locality_labels(labels, source, e.max_empty_labels)
+        if e.all_prompts:  # a label per locality prompt, the first one as above
+            labels = every_locality_label(ctx, records, labels)
+            check_locality_labels([a for r in labels for a in r], source, e.max_empty_labels)
     summaries, reference = {}, "own"
     models = (
         (UNEDITED[0], zero_editor(host.config.d_model), runner),
@@ -119,13 +223,15 @@ def run_evaluation_stage(
             model, records, ctx.template, edit_fn, labels, e, loc_reference=reference
         )
         # Loc TF on the unedited model's own tokens: its generation is the reference.
-        reference = [row.get("loc_generated", []) for row in rows]
+        reference = loc_references(rows, e.all_prompts)
         if e.classic:
             summary["classic"] = evaluate_classic(model, records, edit_fn, ctx.cfg.data.kind)
         if isinstance(edit_fn, MeGEditor):  # routing is MeG's own reading
             routed = _routed(editor, rows)
             summary["routed"] = {k: float(v.mean()) for k, v in routed.items() if v.size}
-            summary["routing"] = routing_breakdown(rows, routed)
+            bank_rows, bank_fields = bank_neuron_readings(ctx, runner, records, e)
+            summary.update(bank_fields)
+            summary["routing"] = routing_breakdown(rows, routed, bank_rows)
             summary["non_finite_neurons"] = editor.non_finite
             if e.unrelated:
                 prompts = [r.prompt for r in read_records(e.unrelated)]
@@ -135,5 +241,12 @@ def run_evaluation_stage(
     write_json_atomic(ctx.workdir / "summary.json", summaries)
     stage.finish(summaries, f"Score {summaries[edited.name].get('score', float('nan')):.2f}")
     print(format_comparison(summaries, edited.rows))
+    _print_routing(summaries[edited.name])
     log.info("evaluation written to %s", stage.folder)
     return summaries
+
+
+def _print_routing(summary: dict) -> None:
+    table = format_routing(summary)
+    if table:
+        print(table)
