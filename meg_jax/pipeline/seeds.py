@@ -54,15 +54,18 @@ log = logging.getLogger("meg_jax.pipeline")
 
 STD_KIND = "sample standard deviation (ddof=1), the paper's ± over its runs; null when n < 2"
 
-# Config fields (dotted prefixes) each shareable stage reads. A superset of what the stage
-# fingerprints: sharing is skipped whenever any of them differs, never wrongly taken.
+# What each shareable stage reads: (config prefixes included, prefixes left out), over dotted
+# field names. Whole sections, so this is a superset of what the stage fingerprints: a field
+# added to a section later counts as a difference, and sharing is then skipped, never wrongly
+# taken. Left out: fields the stage provably ignores (the pseudo-edits for the edit set and the
+# bank; `n_edits` for the encoder, whose pseudo split does not move with it, and for the bank,
+# which is prefix-stable and extended, see `_compatible`).
+_PSEUDO = ("data.pseudo", "data.n_pseudo_pairs", "data.n_val_pairs", "data.n_calibration")
 STAGE_READS = {
-    "edits": ("host", "data.edits", "data.add", "data.kind", "data.n_edits",
-              "data.max_prompt_tokens", "evaluation.max_new_tokens", "evaluation.stop_at_cut"),
-    "encoder": ("seed", "host", "encoder", "data.pseudo", "data.n_pseudo_pairs",
-                "data.n_val_pairs", "data.n_calibration", "router.calibrate"),
-    "collect": ("host", "collect", "data.edits", "data.add", "data.kind", "data.max_prompt_tokens",
-                "evaluation.max_new_tokens", "evaluation.stop_at_cut"),
+    "edits": (("editor", "host", "data", "evaluation"), _PSEUDO),
+    "encoder": (("seed", "editor", "host", "encoder", "data", "router.calibrate"),
+                ("data.n_edits",)),
+    "collect": (("editor", "host", "collect", "data", "evaluation"), (*_PSEUDO, "data.n_edits")),
 }  # fmt: skip
 ADOPTED = "adopted.json"  # per seed directory: which stages came from which donor
 
@@ -95,15 +98,27 @@ def seed_config(cfg: PipelineConfig, seed: int) -> PipelineConfig:
     )
 
 
-def _field(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _compatible(stage: str, donor_cfg: dict, cfg: dict) -> bool:
-    if any(_field(donor_cfg, f) != _field(cfg, f) for f in STAGE_READS[stage]):
-        return False
+    include, exclude = STAGE_READS[stage]
+    mine, theirs = _leaves(cfg), _leaves(donor_cfg)
+    for name in set(mine) | set(theirs):
+        if _under(name, include) and not _under(name, exclude):
+            if mine.get(name, "<absent>") != theirs.get(name, "<absent>"):
+                return False
     # Collection is prefix-stable in the edits: a donor with fewer edits is extended, one with
     # more could not be used (its record would cover edits this run does not have).
     return stage != "collect" or donor_cfg["data"]["n_edits"] <= cfg["data"]["n_edits"]
@@ -177,10 +192,10 @@ def stage_walls(workdir: Path) -> tuple[dict, list[str]]:
     """({stage: wall seconds of the run that finished it}, stages whose record is adopted)."""
     walls, adopted = {}, []
     marks = _read_json(workdir / ADOPTED)
-    for stage in STAGES:
+    found = {p.parent.name for p in workdir.glob(f"*/{RECORD}")}  # a baseline's stages too
+    order = [s for s in STAGES if s in found] + sorted(found - set(STAGES))
+    for stage in order:
         record = StageRecord.read(workdir / stage)
-        if record is None:
-            continue
         walls[stage] = record.wall_s
         if marks.get(stage, {}).get("fingerprint") == record.inputs.fingerprint:
             adopted.append(stage)
