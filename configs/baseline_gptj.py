@@ -5,8 +5,9 @@
 
 A pipeline config (`editor` names the method, `baseline` holds every method's settings), trained
 and evaluated like MeG's. Variants: `:method=alphaedit,n=2000,host=/models/gpt-j-6b`; `:tiny`
-shrinks everything to a seconds-long smoke run (layers 1-2: for a tiny model, not a real GPT-J;
-give it with `host=DIR`).
+shrinks everything to a seconds-long smoke run (layers 0-1 of a 3-layer tiny model, not a real
+GPT-J, given with `host=DIR`: the last edited layer needs a layer above it, or the targets'
+gradient is zero and MEMIT's update with it).
 
 Sources (read in the public repositories, not copied):
   MEMIT     kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json: layers 3-8, clamp 0.75,
@@ -58,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     if v.tiny:
         c.baseline.ft.update(layer=1, steps=2)
-        c.baseline.memit.update(layers=[1, 2])
+        c.baseline.memit.update(layers=[0, 1])
         c.baseline.memit.targets.update(steps=2, n_contexts=1, context_tokens=4)
         c.baseline.alphaedit.update(batch_size=2)
         c.baseline.stats.update(n_texts=64, max_tokens=16)

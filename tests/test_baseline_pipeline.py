@@ -60,7 +60,7 @@ def test_tiny_gptj_baseline_trains_evaluates_and_loads(method, tiny_host, tmp_pa
     assert not any((workdir / s).exists() for s in ("encoder", "router", "collect", "generator"))
     assert not (workdir / "summary.json").exists()  # train evaluates only when asked
     edited = EditedLayers.load(workdir / EDITED_LAYERS)
-    assert edited.layers == ((1,) if method == "ft" else (1, 2))
+    assert edited.layers == ((1,) if method == "ft" else (0, 1))
     assert edited.param == "layers/mlp/fc_out/kernel"
     manifest = json.loads((workdir / "editor.json").read_text())
     assert manifest["editor"] == method
@@ -73,6 +73,8 @@ def test_tiny_gptj_baseline_trains_evaluates_and_loads(method, tiny_host, tmp_pa
     summaries = json.loads((workdir / "summary.json").read_text())
     assert set(summaries) == {"unedited", method}
     assert summaries[method]["n_records"] == 4 and "classic" in summaries[method]
+    if method != "ft":  # the edited row ran the edited weights (FT-L's 5e-5 box may not show)
+        assert summaries[method]["classic"] != summaries["unedited"]["classic"]
     assert (workdir / "evaluation" / method / "summary.json").is_file()
     assert _mtimes(workdir) == before  # evaluate read the baseline stage back, edited nothing
 
@@ -135,3 +137,31 @@ def test_smollm2_memit_tiny_edits_are_seen_by_the_evaluator(shared_data, tmp_pat
     # fit reaches about 60 % on SmolLM2), and the classic protocol agrees.
     assert after["rel_tf"] >= before["rel_tf"] + 25, summaries
     assert after["classic"]["EM"] > before["classic"]["EM"], summaries
+
+
+def test_edited_layers_round_trip_and_guards(tmp_path):
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    params = {
+        "embed": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+        "layers": {"mlp": {"down": {"kernel": jnp.asarray(rng.normal(size=(3, 6, 4)))}}},
+    }
+    kernel = params["layers"]["mlp"]["down"]["kernel"]
+    new = kernel.at[1].add(1.0)
+    edited = {**params, "layers": {"mlp": {"down": {"kernel": new}}}}
+    layers = EditedLayers.between(params, edited, "layers/mlp/down/kernel", [1])
+    assert not layers.same_as(params) and layers.same_as(edited)
+    layers.save(tmp_path / "e.msgpack")
+    back = EditedLayers.load(tmp_path / "e.msgpack")
+    assert back.layers == (1,) and back.param == "layers/mlp/down/kernel"
+    applied = back.apply(params)
+    np.testing.assert_array_equal(applied["layers"]["mlp"]["down"]["kernel"], new)
+    assert applied["embed"] is params["embed"]  # shared, not copied
+    # An edit that also changed another parameter is not representable: refused.
+    with pytest.raises(ValueError, match="embed"):
+        EditedLayers.between(params, {**edited, "embed": params["embed"] + 1}, back.param, [1])
+    with pytest.raises(ValueError, match="another host"):
+        back.apply({**params, "layers": {"mlp": {"down": {"kernel": kernel[:1]}}}})
+    with pytest.raises(FileNotFoundError, match="baseline stage"):
+        EditedLayers.load(tmp_path / "missing.msgpack")

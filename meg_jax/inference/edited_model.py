@@ -136,6 +136,14 @@ class EditedLayers:
         values = np.stack([np.asarray(stacked[l], np.float32) for l in layers])
         return EditedLayers(param, layers, values)
 
+    def same_as(self, params) -> bool:
+        """Whether these values equal the layers of `params` they replace (a no-op edit)."""
+        stacked = _get(params, self.param)
+        return all(
+            np.array_equal(self.values[k], np.asarray(stacked[layer], np.float32))
+            for k, layer in enumerate(self.layers)
+        )
+
     def apply(self, params):
         """`params` with these layers replaced (every other leaf shared, not copied)."""
         stacked = _get(params, self.param)

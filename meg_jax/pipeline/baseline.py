@@ -25,7 +25,7 @@ from meg_jax.inference.edited_model import EDITED_LAYERS, EditedLayers
 from meg_jax.inference.editor import zero_editor
 from meg_jax.infra.files import write_json_atomic
 from meg_jax.infra.fingerprint import StageInputs
-from meg_jax.pipeline.context import RunContext
+from meg_jax.pipeline.context import RunContext, log
 from meg_jax.pipeline.edits import EditSet
 from meg_jax.pipeline.evaluation import EditorUnderTest
 
@@ -60,6 +60,8 @@ def run_baseline_stage(ctx: RunContext, edits: EditSet) -> tuple[EditedLayers, s
     )
     kernel = f"layers/mlp/{out_proj(host.config)}/kernel"
     edited = EditedLayers.between(host.params, params, kernel, b.edited_layers(method))
+    if edited.same_as(host.params):  # e.g. the last edited layer is the host's last layer
+        log.warning("baseline: %s changed no weight; the edited model is the unedited one", method)
     edited.save(path)
     info = json.loads(json.dumps(info, default=_plain))
     write_json_atomic(stage.folder / "info.json", info)
