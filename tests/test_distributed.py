@@ -1,4 +1,10 @@
-"""Multi-process runs: launch detection, and two local CPU processes equal one process."""
+"""Multi-process runs: launch detection, and two local CPU processes equal one process.
+
+Two levels: a toy sharded program, and the whole MeG pipeline (every stage, then evaluation) on
+the tiny run of tests/tiny_run.py, as `python -m meg_jax.train` in two processes of one CPU
+device each against one process of two devices: the same global ("data" 2 x "model" 1) mesh, so
+the same compiled programs, only the transport of the collectives differs.
+"""
 
 import json
 import os
@@ -6,6 +12,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +185,162 @@ def test_detect_launch(env, expected):
 def test_detect_launch_errors(env, message):
     with pytest.raises(ValueError, match=message):
         detect_launch(env)
+
+
+# The whole pipeline, two processes against one. Every stage of tests/tiny_run.py, with fewer
+# steps (each stage still saves and resumes through orbax twice): seconds of compute each, so the
+# run is dominated by start-up and compilation.
+N_EDITS = 6
+QUICKER = {
+    "encoder": {"infonce": {"num_steps": 2, "eval_every": 1, "batch_size": 32}},
+    "router": {"train": {"num_epochs": 6, "batch_size": 32, "save_every": 3}},
+    "generator": {"overrides": {"train": {"num_steps": 8, "eval_every": 4, "checkpoint_every": 4}}},
+}
+PIPELINE_TIMEOUT = 900  # s, for the three processes together on two loaded cores
+
+
+@pytest.fixture(scope="module")
+def tiny_config_file(shared_data, tmp_path_factory) -> Path:
+    """A config file (`get_config`) of the shortened tiny run; the work directory is overridden."""
+    from tiny_run import make_given_bank, make_tiny_host, tiny_run_config
+
+    root = tmp_path_factory.mktemp("dist")
+    host = make_tiny_host(root / "host", shared_data)
+    bank = make_given_bank(root / "given_bank.npz", shared_data, N_EDITS)
+    config = tiny_run_config(shared_data, host, bank, root / "unused", N_EDITS)
+    for section, values in QUICKER.items():
+        config[section].update(values)
+    path = root / "tiny_config.py"
+    path.write_text(f"def get_config(variant):\n    return {config!r}\n")
+    return path
+
+
+def _train(config: Path, workdir: Path, env: dict, log: Path) -> subprocess.Popen:
+    """`python -m meg_jax.train` (every stage, then evaluation) writing stdout+stderr to `log`.
+
+    Output goes to files, not pipes: a process blocked on a full pipe would stall the other
+    process at its next collective, and the test would hang instead of failing.
+    """
+    args = ["-m", "meg_jax.train", "--config", str(config), f"--config.workdir={workdir}"]
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, *args], env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float) -> None:
+    """Waits for every process; on a failure or the timeout kills the rest and shows the logs."""
+    deadline = time.monotonic() + timeout
+    failed = None
+    while failed is None and any(p.poll() is None for p in procs.values()):
+        failed = next((n for n, p in procs.items() if p.poll() not in (None, 0)), None)
+        if time.monotonic() > deadline:
+            failed = "timeout"
+        time.sleep(0.5)
+    failed = failed or next((n for n, p in procs.items() if p.returncode != 0), None)
+    if failed is None:
+        return
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    tails = "\n".join(
+        f"--- {name} (exit {procs[name].returncode}), end of {path}:\n"
+        + path.read_text(errors="replace")[-4000:]
+        for name, path in logs.items()
+    )
+    reason = f"timed out after {timeout} s" if failed == "timeout" else f"{failed} failed"
+    raise AssertionError(f"pipeline run {reason}\n{tails}")
+
+
+def _assert_close_tree(multi, single, where: str, rel: float) -> None:
+    """Same structure; strings, bools and ints equal; floats within `rel` (relative)."""
+    if isinstance(single, dict):
+        assert isinstance(multi, dict) and multi.keys() == single.keys(), where
+        for key in single:
+            _assert_close_tree(multi[key], single[key], f"{where}.{key}", rel)
+    elif isinstance(single, list):
+        assert isinstance(multi, list) and len(multi) == len(single), where
+        for i, (m, s) in enumerate(zip(multi, single, strict=True)):
+            _assert_close_tree(m, s, f"{where}[{i}]", rel)
+    elif isinstance(single, float) and not isinstance(multi, bool):
+        assert multi == pytest.approx(single, rel=rel, abs=rel), where
+    else:
+        assert multi == single, where
+
+
+@pytest.mark.slow
+def test_pipeline_in_two_processes_equals_one_process(tiny_config_file, tmp_path):
+    """Train (every stage) and evaluate in two processes x 1 device, and in 1 process x 2.
+
+    Tolerance. Both runs compile the same programs for the same 2-device mesh with the same
+    seeds and inputs; only the collectives differ (XLA's in-process all-reduce against gloo
+    between processes). A sum over two shards is the same in either order, so the results are
+    expected bit for bit, and everything discrete (predictions, routing decisions, bank rows,
+    file lists) is compared exactly. Floating-point artefacts (router entropies, generated
+    neurons, summary figures) are allowed 1e-5 relative, a few float32 ulps through a handful
+    of training steps, should a backend reorder a reduction: a real fault (a process training
+    on its half of a batch, a shard read twice, a seed per process) moves them by far more.
+    """
+    from meg_jax.collect.bank import load_bank
+
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    coordinator = f"localhost:{_free_port()}"
+    logs = {name: tmp_path / f"{name}.log" for name in ("single", "process0", "process1")}
+    procs = {"single": _train(tiny_config_file, single, _env(2), logs["single"])}
+    for i in range(2):
+        env = _env(1, MEG_COORDINATOR=coordinator, MEG_NUM_PROCESSES="2", MEG_PROCESS_ID=str(i))
+        procs[f"process{i}"] = _train(tiny_config_file, multi, env, logs[f"process{i}"])
+    _wait_all(procs, logs, PIPELINE_TIMEOUT)
+
+    # Process 0 alone wrote files and printed the report.
+    assert "edited model (MeG)" in logs["process0"].read_text()
+    assert "edited model (MeG)" not in logs["process1"].read_text()
+    files = {p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file()}
+    multi_files = {p.relative_to(multi).as_posix() for p in multi.rglob("*") if p.is_file()}
+
+    # orbax names a data file per writing process inside a checkpoint: compare all else.
+    def outside_checkpoints(names):
+        return {n for n in names if "/checkpoints/" not in n}
+
+    assert outside_checkpoints(multi_files) == outside_checkpoints(files)
+    for name in files:  # one copy of each metric line, not one per process
+        if name.endswith("metrics.jsonl"):
+            count = len((single / name).read_text().splitlines())
+            assert len((multi / name).read_text().splitlines()) == count, name
+
+    # The summary figures of the unedited and the edited model.
+    summary = json.loads((single / "summary.json").read_text())
+    _assert_close_tree(json.loads((multi / "summary.json").read_text()), summary, "summary", 1e-5)
+    # Every query's prediction and reading (a generated neuron's effect, query by query).
+    for model in ("unedited", "meg"):
+        rows = (single / "evaluation" / model / "examples.jsonl").read_text().splitlines()
+        multi_rows = (multi / "evaluation" / model / "examples.jsonl").read_text().splitlines()
+        _assert_close_tree(
+            [json.loads(r) for r in multi_rows], [json.loads(r) for r in rows], model, 1e-5
+        )
+    # Bank rows.
+    bank, multi_bank = load_bank(single / "collect/bank.npz"), load_bank(multi / "collect/bank.npz")
+    for field in ("case_id", "weights", "success", "final_loss", "init"):
+        np.testing.assert_array_equal(getattr(multi_bank, field), getattr(bank, field), field)
+    # Router decisions and generated neurons, read back from each run's artefacts.
+    import meg_jax
+
+    queries = [json.loads(r)[f"{k}_query"] for r in rows for k in ("rel", "gen", "loc")]
+    readings = {}
+    for name, workdir in (("single", single), ("multi", multi)):
+        editor = meg_jax.load_editor(workdir, batch_size=8).editor
+        entropy = editor.router.entropy(editor.router_encoder.encode(queries))
+        readings[name] = (entropy, editor.routed(queries), editor.flat(queries))
+    (h1, routed1, flat1), (h2, routed2, flat2) = readings["single"], readings["multi"]
+    assert routed1.any() and not routed1.all()  # decisions that could differ
+    np.testing.assert_array_equal(routed2, routed1)
+    np.testing.assert_allclose(h2, h1, rtol=1e-5, atol=1e-6)
+    assert np.abs(flat1).max() > 0
+    np.testing.assert_allclose(flat2, flat1, rtol=1e-5, atol=1e-6)
+    print(
+        "largest differences: entropy",
+        float(np.abs(h2 - h1).max()),
+        "neurons",
+        float(np.abs(flat2 - flat1).max()),
+    )

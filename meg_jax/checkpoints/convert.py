@@ -125,7 +125,7 @@ def load_params(
     abstract = flatten_tree(abstract_params)
     flat_shardings = flatten_tree(shardings) if shardings is not None else None
     by_target = _check_rules(store, rules, abstract, n_layers, ignore)
-    default = SingleDeviceSharding(jax.devices()[0])
+    default = SingleDeviceSharding(jax.local_devices()[0])
     out = {}
     for target, rule in by_target.items():
         leaf = abstract[target]

@@ -48,7 +48,7 @@ from meg_jax.collect.fit import (
     learning_rate_schedule,
     torch_linear_init,
 )
-from meg_jax.infra.distributed import gather_to_host
+from meg_jax.infra.distributed import device_put_global, gather_to_host
 from meg_jax.infra.sharding import DECODER_RULES, param_shardings, shard_batch
 from meg_jax.models.config import LMConfig
 from meg_jax.models.generate import greedy_generate, left_pad
@@ -197,7 +197,7 @@ class Collector:
         self.params = (
             params
             if mesh is None
-            else jax.device_put(params, param_shardings(mesh, DECODER_RULES, params))
+            else device_put_global(params, param_shardings(mesh, DECODER_RULES, params))
         )
         self.width = -(-cfg.batch_size // self.shards) * self.shards
         if cfg.init_from_bank:

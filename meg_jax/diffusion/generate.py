@@ -31,8 +31,9 @@ from meg_jax.diffusion.normalization import NormStats, center_conditions, denorm
 from meg_jax.diffusion.samplers import sample_loop
 from meg_jax.diffusion.schedule import make_schedule
 from meg_jax.diffusion.train_step import TrainState, sampling_params
+from meg_jax.infra.distributed import gather_to_host
 from meg_jax.infra.files import write_bytes_atomic
-from meg_jax.infra.sharding import data_sharding, replicated
+from meg_jax.infra.sharding import data_sharding, replicated, shard_batch
 
 
 class GeneratorParams(NamedTuple):
@@ -102,10 +103,13 @@ def generate(
     is split over its "data" axis (the chunk is rounded up to a multiple of its size). `ids` [B]
     (uint32) name each row's noise (default: its index); `chunk_size` fixes the compiled batch
     (default: `sampler.chunk_size`, shrunk to B).
+
+    When the mesh spans several processes the samples are gathered whole to every process (as
+    numpy); the chunks go in as host values, which every process holds alike.
     """
     gen = as_generator_params(params_or_state)
     sampler = sampler or config.sampler
-    conditions = jnp.asarray(conditions, jnp.float32)
+    conditions = np.asarray(gather_to_host(conditions), np.float32)
     if conditions.ndim != 2 or conditions.shape[0] == 0:
         raise ValueError(f"generate: conditions must be [B >= 1, E], got {conditions.shape}")
     expected = _condition_width(gen.params, config.dit)
@@ -126,10 +130,13 @@ def generate(
     for start in range(0, total, chunk):
         cond = conditions[start : start + chunk]
         real = cond.shape[0]
-        index = jnp.asarray(np.pad(ids[start : start + chunk], (0, chunk - real)))
+        index = np.pad(ids[start : start + chunk], (0, chunk - real))
         if real < chunk:  # pad the last chunk so the compiled shape is reused
-            cond = jnp.pad(cond, ((0, chunk - real), (0, 0)))
-        outputs.append(run(gen.params, gen.norm, cond, index, rng)[:real])
+            cond = np.pad(cond, ((0, chunk - real), (0, 0)))
+        if mesh is not None:  # jit takes no host array for a split input across processes
+            cond, index = shard_batch(mesh, (cond, index))
+        out = run(gen.params, gen.norm, cond, index, rng)
+        outputs.append(out[:real] if out.is_fully_addressable else gather_to_host(out)[:real])
     return jnp.concatenate(outputs, axis=0) if len(outputs) > 1 else outputs[0]
 
 

@@ -61,9 +61,10 @@ from meg_jax.diffusion.normalization import (
 )
 from meg_jax.diffusion.train_step import TrainState, init_state, make_train_step
 from meg_jax.infra.config import dataclass_from_dict
+from meg_jax.infra.distributed import device_put_global
 from meg_jax.infra.files import write_json_atomic
 from meg_jax.infra.runs import JsonlLog, checkpoint_manager, restore_or, save
-from meg_jax.infra.sharding import make_mesh, replicated
+from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ def train_generator(
     manager = checkpoint_manager(workdir, tcfg.max_to_keep)
     initial = init_state(config, norm, width, init_rng, mesh)
     if warm_start is not None:
-        weights = jax.device_put(warm_start.params, replicated(mesh))
+        weights = device_put_global(warm_start.params, replicated(mesh))
         # Its own buffers: the train step donates params and EMA separately.
         ema = jax.tree.map(jnp.copy, weights) if initial.ema_params is not None else None
         initial = initial.replace(params=weights, ema_params=ema)
@@ -225,6 +226,8 @@ def train_generator(
     for step in bar:
         rows, mask = batch_rows(num_rows, tcfg.batch_size, padded, step, tcfg.shuffle, tcfg.seed)
         x0, cond = _minibatch(bank, zeros, norm, rows)
+        # Placed first: jit refuses host arrays for a split input when the mesh spans processes.
+        x0, cond, mask = shard_batch(mesh, (x0, cond, mask))
         state, metrics = step_fn(state, x0, cond, mask, train_rng)
         done = step + 1
         if done % tcfg.log_every == 0 or done == tcfg.num_steps:
@@ -338,7 +341,8 @@ def load_generator(workdir: str | Path) -> tuple[GeneratorParams, GeneratorConfi
     config = dataclass_from_dict(GeneratorConfig, meta["config"], str(meta_path))
     length, width = int(meta["length"]), int(meta["cond_width"])
     blank = NormStats(jnp.zeros(length), jnp.ones(length), jnp.zeros(width))
-    target = init_state(config, blank, width, jax.random.key(0), make_mesh(1, 1, jax.devices()[:1]))
+    local = make_mesh(1, 1, jax.local_devices()[:1])  # every process restores a whole copy
+    target = init_state(config, blank, width, jax.random.key(0), local)
     state, found = restore_or(checkpoint_manager(workdir, config.train.max_to_keep), target)
     if not found:
         raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to load")

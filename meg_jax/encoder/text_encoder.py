@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from meg_jax.checkpoints.bert_keys import load_hf_bert
 from meg_jax.data.templates import PLACEHOLDER, fill_template
 from meg_jax.encoder.tokenize import BertTokenizer, TokenBatch
+from meg_jax.infra.distributed import device_put_global, gather_to_host
 from meg_jax.infra.files import write_bytes_atomic
 from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
 from meg_jax.models.bert import Bert
@@ -106,7 +107,7 @@ class TextEncoder:
         """Loads a HF BERT directory; `view` sets template, normalize, batch_size."""
         config, params = load_hf_bert(path, n_top_layers=n_top_layers, dtype=dtype)
         mesh = make_mesh() if mesh is None else mesh
-        params = jax.device_put(params, replicated(mesh))
+        params = device_put_global(params, replicated(mesh))
         tokenizer = BertTokenizer(path, max_length=min(max_length, config.max_position))
         return cls(config, params, tokenizer, mesh, **view)
 
@@ -116,7 +117,7 @@ class TextEncoder:
 
     def with_top_layers(self, top_layers) -> "TextEncoder":
         """The same encoder with tuned `top_layers` (from the InfoNCE stage)."""
-        params = dict(self.params, top_layers=jax.device_put(top_layers, replicated(self.mesh)))
+        params = dict(self.params, top_layers=device_put_global(top_layers, replicated(self.mesh)))
         return dataclasses.replace(self, params=params)
 
     def tokenize(self, texts: Sequence[str], length: int | None = None) -> TokenBatch:
@@ -134,7 +135,7 @@ class TextEncoder:
         padded = batch.take(np.concatenate([np.arange(n), np.zeros(pad, np.int64)]))
         ids, mask, types = shard_batch(self.mesh, (padded.ids, padded.mask, padded.types))
         out = cls_vectors(self.config, self.params, ids, mask, types, self.normalize)
-        return np.asarray(out)[:n]
+        return gather_to_host(out)[:n]
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """[CLS] vectors [N, D] (float32) of `texts` in this view."""

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from meg_jax.encoder.infonce import Pair, info_nce_loss, retrieval_sets, retrieval_top1
 from meg_jax.encoder.text_encoder import TextEncoder, apply_template, frozen_hidden
 from meg_jax.infra import runs
+from meg_jax.infra.distributed import device_put_global, gather_to_host
 from meg_jax.infra.sharding import replicated, shard_batch
 from meg_jax.models.bert import Bert
 from meg_jax.models.bert_config import BertConfig
@@ -113,7 +114,7 @@ def _features(encoder: TextEncoder, texts: Sequence[str], desc: str) -> _Feature
         n = len(part)
         part = part.take(np.arange(encoder.batch_size) % n)  # fixed rows: one compilation
         arrays = shard_batch(encoder.mesh, (part.ids, part.mask, part.types))
-        hidden[start : start + n] = np.asarray(
+        hidden[start : start + n] = gather_to_host(
             frozen_hidden(encoder.config, encoder.params, *arrays)
         )[:n]
     return _Features(hidden, batch.mask)
@@ -130,7 +131,8 @@ def _encode_features(encoder: TextEncoder, params, feats: _Features) -> np.ndarr
     for start in range(0, len(feats.hidden), b):
         rows = np.arange(start, start + b) % len(feats.hidden)
         hidden, mask = shard_batch(encoder.mesh, (feats.hidden[rows], feats.mask[rows]))
-        out.append(np.asarray(_cls_from_frozen(encoder.config, params, hidden, mask), np.float32))
+        cls = _cls_from_frozen(encoder.config, params, hidden, mask)
+        out.append(gather_to_host(cls).astype(np.float32))
     return np.concatenate(out)[: len(feats.hidden)]
 
 
@@ -165,7 +167,7 @@ def _initial_state(encoder: TextEncoder, tx: optax.GradientTransformation) -> di
         "best_metric": np.full((), -1.0, np.float32),
         "best_step": np.zeros((), np.int32),
     }
-    return jax.device_put(state, replicated(encoder.mesh))
+    return device_put_global(state, replicated(encoder.mesh))
 
 
 def _optimizer(config: InfoNCEConfig) -> optax.GradientTransformation:
@@ -291,7 +293,7 @@ def train_infonce(
             best_metric = np.asarray(metrics["val_top1"], np.float32)
             state = dict(state, best_top=best_top, best_step=best_step, best_metric=best_metric)
             # One placement for every leaf, or the next update would compile again.
-            state = jax.device_put(state, replicated(encoder.mesh))
+            state = device_put_global(state, replicated(encoder.mesh))
         record = {"event": "eval", "step": step, **metrics, "best_step": int(state["best_step"])}
         log.write(**record)
         history.append(record)

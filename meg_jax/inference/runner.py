@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from meg_jax.infra.distributed import gather_to_host
 from meg_jax.infra.sharding import make_mesh, shard_batch
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder
@@ -180,7 +181,7 @@ class ModelRunner:
                 min_rows=self.min_decode_rows,
                 prefix=shared,
             )
-            return [_until_stop(row, stops) for row in np.asarray(new).tolist()]
+            return [_until_stop(row, stops) for row in gather_to_host(new).tolist()]
 
         lengths = [len(s) for s in rests]
         return self._run_batches(rests, lengths, neurons, "generate", run)
@@ -197,7 +198,8 @@ class ModelRunner:
         def run(batch, neuron):
             ids, mask = pad_right(batch, self.config.pad_token_id, self.bucket)
             ids, mask, neuron = shard_batch(self.mesh, (ids, mask, neuron))
-            return np.asarray(_last_argmax(self.config, self.params, ids, mask, neuron)).tolist()
+            argmax = _last_argmax(self.config, self.params, ids, mask, neuron)
+            return gather_to_host(argmax).tolist()
 
         return self._run_batches(list(sequences), [len(s) for s in sequences], neurons, "tf", run)
 
@@ -220,7 +222,7 @@ class ModelRunner:
             ids, mask = pad_right([s for s, _ in batch], self.config.pad_token_id, self.bucket)
             lab, _ = pad_right([lab for _, lab in batch], self.config.pad_token_id, self.bucket)
             ids, mask, lab, neuron = shard_batch(self.mesh, (ids, mask, lab, neuron))
-            argmax, logp = jax.device_get(_scores(self.config, self.params, ids, mask, lab, neuron))
+            argmax, logp = gather_to_host(_scores(self.config, self.params, ids, mask, lab, neuron))
             return [(argmax[i, : len(s)], logp[i, : len(s)]) for i, (s, _) in enumerate(batch)]
 
         lengths = [len(s) for s in sequences]

@@ -107,8 +107,36 @@ def initialize_if_multiprocess(env: Mapping[str, str] | None = None) -> Launch:
 
 
 def is_main_process() -> bool:
-    """True on process 0, the one that writes files and prints reports."""
-    return jax.process_index() == 0
+    """True on process 0, the one that writes files and prints reports.
+
+    Without `jax.distributed` this is the only process: True without starting a JAX backend
+    (so writing a file before `initialize_if_multiprocess` does not spoil the initialisation).
+    """
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def device_put_global(tree, shardings):
+    """`jax.device_put(tree, shardings)` that also works when a mesh spans several processes.
+
+    JAX cannot move an array that lives on this process's devices alone onto a sharding that
+    spans other processes' devices (a cross-host transfer, unsupported on CPU and GPU): such an
+    array goes through host memory instead, where every process holds the same value (the
+    program is the same everywhere), and each process places its own shards from it. On one
+    process this is `jax.device_put` unchanged.
+    """
+
+    def one(x, sharding):
+        if (
+            isinstance(x, jax.Array)
+            and x.is_fully_addressable
+            and not sharding.is_fully_addressable
+        ):
+            x = np.asarray(x)
+        return jax.device_put(x, sharding)
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
 
 
 def gather_to_host(tree):
@@ -141,6 +169,10 @@ def broadcast_from_main(tree):
 
 
 def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier `name` (no-op on one process)."""
-    if jax.process_count() > 1:
+    """Waits until every process reaches the barrier `name` (no-op on one process).
+
+    Raises when another process reached a barrier of another name at the same point: their
+    programs diverged (e.g. a file written by one process and not the other).
+    """
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)

@@ -1,6 +1,11 @@
 """Atomic writes: a temporary file in the destination folder, then `os.replace`.
 
 A crash never leaves a half-written file under the final name, so a result that exists is whole.
+
+Several processes (`meg_jax.infra.distributed`) run the same program and reach the same writes
+with the same bytes: process 0 alone writes, and every process then waits at a barrier named
+after the file, so no process reads a result before it is whole, and a process whose program
+took another path (another file name at this point) fails the barrier instead of going on.
 """
 
 import json
@@ -9,12 +14,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meg_jax.infra.distributed import barrier, is_main_process
+
 _FILE_MODE = 0o644
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary file in the same folder and a rename."""
+    """Writes `data` to `path` through a temporary file in the same folder and a rename.
+
+    Under several processes, process 0 writes and all wait until it has (collective: every
+    process must call it, in the same order).
+    """
     path = Path(path)
+    if is_main_process():
+        _write(path, data)
+    barrier(f"write {path}")
+
+
+def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

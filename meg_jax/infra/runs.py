@@ -10,6 +10,10 @@ latest step that cannot be read (damaged by a crash) falls back to the newest re
 a warning; unfinished saves (`*.orbax-checkpoint-tmp-*`) are deleted when the manager opens.
 Metric lines written after the last checkpoint of an interrupted run are kept; a resumed run
 logs those steps again, so readers should take the last line per step.
+
+Under several processes (`meg_jax.infra.distributed`) every process saves and restores (orbax's
+saves are collective; it has process 0 write what all share), process 0 alone appends metric
+lines and tidies the checkpoint folder, and the others wait for the tidying.
 """
 
 import json
@@ -23,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from meg_jax.infra.distributed import barrier, is_main_process
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +40,8 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record: Any) -> None:
+        if not is_main_process():  # every process logs the same figures: one copy
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=_to_json) + "\n")
@@ -61,7 +69,9 @@ def checkpoint_manager(workdir: str | Path, max_to_keep: int = 2) -> ocp.Checkpo
     they are never a resume point, and they would otherwise pile up with every interrupted run.
     """
     directory = Path(workdir).resolve() / "checkpoints"
-    _remove_partial_saves(directory)
+    if is_main_process():
+        _remove_partial_saves(directory)
+    barrier(f"checkpoints {directory}")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
@@ -106,7 +116,10 @@ def restore_or(manager: ocp.CheckpointManager, initial_state: Any) -> tuple[Any,
             failures.append((step, err))
             continue
         if failures:
-            _move_aside(manager, [s for s, _ in failures], step, failures[0][1])
+            if is_main_process():
+                _move_aside(manager, [s for s, _ in failures], step, failures[0][1])
+            barrier(f"moved aside {manager.directory}")
+            manager.reload()
         return restored, True
     directory = Path(manager.directory)
     latest, err = failures[0]
@@ -134,7 +147,6 @@ def _move_aside(manager: ocp.CheckpointManager, bad: list[int], good: int, err: 
         if destination.exists():  # damaged twice at the same step: keep the newer copy
             shutil.rmtree(destination)
         shutil.move(str(source), str(destination))
-    manager.reload()
     log.warning(
         "%s: checkpoint step(s) %s could not be read (%s: %s); resuming from step %d instead. "
         "The unreadable step(s) were moved to %s",

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from meg_jax.infra.distributed import device_put_global
 from meg_jax.infra.trees import flatten_tree, unflatten_tree
 
 PartitionRules = Sequence[tuple[str, P]]
@@ -99,4 +100,4 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def shard_batch(mesh: Mesh, tree):
     """Places every array of `tree` with its leading (batch) axis over the "data" axis."""
-    return jax.tree.map(lambda x: jax.device_put(x, data_sharding(mesh, np.ndim(x))), tree)
+    return jax.tree.map(lambda x: device_put_global(x, data_sharding(mesh, np.ndim(x))), tree)

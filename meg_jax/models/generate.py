@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder, DecoderCache, default_positions, init_cache
@@ -223,12 +224,12 @@ def greedy_generate(
         state = _decode(config, params, state, stop_ids=stop_ids, pause_at=half if can_halve else 0)
         if not can_halve:
             break
-        done = np.asarray(state.done)
+        done = _to_host(state.done)
         if done.all() or int(state.step) >= max_new_tokens:
             break
         if out is None:
             out = np.full((tokens.shape[0], max_new_tokens), config.pad_token_id, np.int32)
-        out[rows] = np.asarray(state.out)  # final for the finished rows
+        out[rows] = _to_host(state.out)  # final for the finished rows
         running = np.flatnonzero(~done)
         size = half  # the smallest of B/2, B/4, ... (not below min_rows) that holds them
         while size // 2 >= max(min_rows, len(running)):
@@ -238,9 +239,17 @@ def greedy_generate(
         # (all final) are what that row already holds.
         filler = np.repeat(np.flatnonzero(done)[:1], size - len(running))
         keep = np.concatenate([running, filler])
-        state = _take_rows(state, jnp.asarray(keep))
+        state = _take_rows(state, keep)  # numpy: a value every process holds whole
         rows = rows[keep]
     if out is None:
         return state.out
-    out[rows] = np.asarray(state.out)
+    out[rows] = _to_host(state.out)
     return jnp.asarray(out)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """`x` whole as numpy. A batch split over the devices of several processes (a mesh that
+    spans hosts) is gathered from all of them: collective, every process calls it alike."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

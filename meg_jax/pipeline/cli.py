@@ -14,11 +14,12 @@ import ast
 import dataclasses
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from meg_jax.infra.distributed import initialize_if_multiprocess
+from meg_jax.infra.distributed import initialize_if_multiprocess, is_main_process
 from meg_jax.pipeline.config import PipelineConfig, pipeline_config
 
 
@@ -194,6 +195,11 @@ def main(argv: list[str], action) -> int:
     (bad input, changed inputs, diverged training) exits 1, each with one line; `--verbosity`
     above 0 shows the traceback too."""
     initialize_if_multiprocess()  # first: jax.distributed must start before any device use
+    if not is_main_process():
+        # Every process computes the same lines and tables: process 0 alone prints them and
+        # draws progress bars; the others keep stderr for their warnings and errors.
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     try:
         cfg, verbosity = load_config(argv)
     except ConfigError as err:

@@ -20,6 +20,7 @@ from meg_jax.data.templates import PromptTemplate, get_template
 from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.inference.edited_model import EditorManifest, host_shardings
 from meg_jax.inference.runner import ModelRunner
+from meg_jax.infra.distributed import barrier, is_main_process
 from meg_jax.infra.fingerprint import (
     StageInputs,
     StageInputsChanged,
@@ -152,7 +153,9 @@ class StageRun:
     def start(self) -> None:
         """Records the inputs as unfinished (a retrain clears an earlier run of the same inputs)."""
         if self.retrain and self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
+            if is_main_process():  # one process deletes; the others wait (infra.distributed)
+                shutil.rmtree(self.run_dir)
+            barrier(f"retrain {self.run_dir}")
         self.folder.mkdir(parents=True, exist_ok=True)
         StageRecord(self.name, self.inputs, finished=False).write(self.folder)
 

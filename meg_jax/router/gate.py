@@ -16,6 +16,7 @@ import numpy as np
 from flax import serialization
 from jax.sharding import Mesh
 
+from meg_jax.infra.distributed import device_put_global, gather_to_host
 from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
 from meg_jax.infra.sharding import replicated, shard_batch
 from meg_jax.router.network import FamiliarityConfig, familiarity_entropy
@@ -42,11 +43,8 @@ class Router:
         out = []
         for start in range(0, len(x), rows):
             part = x[np.arange(start, start + rows) % len(x)]  # wrap: one shape, no empty rows
-            out.append(
-                np.asarray(
-                    familiarity_entropy(self.config, self.params, shard_batch(self.mesh, part))
-                )
-            )
+            entropy = familiarity_entropy(self.config, self.params, shard_batch(self.mesh, part))
+            out.append(gather_to_host(entropy))
         return np.concatenate(out)[: len(x)] if out else np.zeros((0,), np.float32)
 
     def route(self, conditions: np.ndarray) -> np.ndarray:
@@ -91,4 +89,4 @@ def load_router(folder: str | Path, mesh: Mesh) -> Router:
             f"{folder}: no readable router ({type(err).__name__}: {err}); rerun the router stage "
             "(--config.stage=router)"
         ) from None
-    return Router(config, jax.device_put(params, replicated(mesh)), threshold, mesh, batch_size)
+    return Router(config, device_put_global(params, replicated(mesh)), threshold, mesh, batch_size)

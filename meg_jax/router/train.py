@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from meg_jax.infra import runs
+from meg_jax.infra.distributed import device_put_global
 from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
 from meg_jax.router.gate import Router, padded_rows
 from meg_jax.router.network import FamiliarityConfig, FamiliarityNet
@@ -139,7 +140,7 @@ def _initial_state(net: FamiliarityNet, tx, key, mesh: Mesh) -> dict:
     x = jnp.zeros((1, net.config.width), jnp.float32)
     params = jax.jit(net.init)(key, x)["params"]  # one compilation, not one per initialiser op
     state = {"step": np.zeros((), np.int32), "params": params, "opt": tx.init(params)}
-    return jax.device_put(state, replicated(mesh))
+    return device_put_global(state, replicated(mesh))
 
 
 def train_router(
@@ -170,7 +171,7 @@ def train_router(
     manager = runs.checkpoint_manager(workdir, config.max_to_keep)
     initial = _initial_state(net, tx, init_key, mesh)
     if init_params is not None:
-        initial["params"] = jax.device_put(init_params, replicated(mesh))
+        initial["params"] = device_put_global(init_params, replicated(mesh))
     state, _ = runs.restore_or(manager, initial)
     log = runs.JsonlLog(Path(workdir) / "metrics.jsonl")
 
