@@ -196,3 +196,24 @@ def test_collection_inputs_are_keyed_by_dataset_ids(shared_data):
     assert edits[0].query == template.format_query(records[0].prompt)
     assert edits[0].answer == template.format_answer(records[0].target_new)
     assert edits[0].target == records[0].target_new
+
+
+def test_an_artefact_changed_behind_its_stage_is_evaluated_again(trained):
+    """Evaluation reads back its results only while the editor's files are the ones it
+    evaluated: a router file rewritten without its stage's inputs changing is re-evaluated."""
+    from pathlib import Path
+
+    cfg, summaries = trained
+    workdir = Path(cfg.workdir)
+    router_json = workdir / "router" / "router.json"
+    original = router_json.read_bytes()
+    before = _records(workdir, "evaluation").inputs
+    try:
+        router_json.write_text(json.dumps(json.loads(original), indent=4))  # same meaning
+        again = run(cfg)
+        after = _records(workdir, "evaluation").inputs
+        assert after.upstream["artefacts"] != before.upstream["artefacts"]
+        assert _records(workdir, "router").inputs == _records(workdir, "router").inputs
+        assert again == summaries  # the same router, evaluated again
+    finally:
+        router_json.write_bytes(original)

@@ -84,4 +84,5 @@ def baseline_under_test(ctx: RunContext, edited: EditedLayers) -> EditorUnderTes
         host = ctx.host()
         return zero_editor(host.config.d_model), edited.apply(host.params)
 
-    return EditorUnderTest(method, f"edited model ({LABELS[method]})", load)
+    label = f"edited model ({LABELS[method]})"
+    return EditorUnderTest(method, label, load, (ctx.workdir / EDITED_LAYERS,))

@@ -12,6 +12,7 @@ inputs are simply evaluated again.
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from meg_jax.evaluation.report import format_comparison, format_routing, write_r
 from meg_jax.inference.editor import Editor, MeGEditor, zero_editor
 from meg_jax.inference.runner import ModelRunner
 from meg_jax.infra.files import write_json_atomic
-from meg_jax.infra.fingerprint import StageInputs, digest
+from meg_jax.infra.fingerprint import StageInputs, digest, file_digest
 from meg_jax.models.neuron import Neuron, unflatten_neuron
 from meg_jax.pipeline.context import RunContext, log
 from meg_jax.pipeline.edits import EditSet, every_locality_label, prepare, read_records
@@ -52,6 +53,17 @@ class EditorUnderTest:
     name: str
     label: str
     load: Callable[[], tuple[Editor, Any]]
+    # The files `load` builds the editor from. Their digests enter the evaluation's inputs, so
+    # an artefact that changed while its stage's inputs did not (a router extended for more
+    # epochs, a stage retrained) is evaluated again rather than read back stale.
+    artefacts: tuple[Path, ...] = ()
+
+    def artefacts_digest(self) -> dict:
+        """{"artefacts": digest} over the files that exist; empty when none is named."""
+        found = [p for p in self.artefacts if p.is_file()]
+        if not found:
+            return {}
+        return {"artefacts": digest([[p.name, file_digest(p)] for p in found])[:16]}
 
     @property
     def rows(self) -> dict[str, str]:
@@ -189,7 +201,11 @@ def run_evaluation_stage(
         config.pop("all_prompts")
     inputs = StageInputs(
         config=config,
-        upstream={**lineages, "trained_on": digest(edits.items)[:16]},
+        upstream={
+            **lineages,
+            "trained_on": digest(edits.items)[:16],
+            **edited.artefacts_digest(),
+        },
         items=evaluated.items,
     )
     stage = ctx.stage("evaluation", inputs, e.retrain, derived=True)

@@ -60,7 +60,15 @@ def _meg_stages(ctx: RunContext, edits: EditSet, lineages: dict) -> EditorUnderT
         editor = build_meg_editor(ctx.workdir, ctx.manifest(), host, ctx.base_encoder(), ctx.mesh)
         return editor, None
 
-    return EditorUnderTest("meg", "edited model (MeG)", load)
+    w = ctx.workdir
+    artefacts = (
+        w / "encoder" / "top_layers.msgpack",
+        w / "router" / "router.msgpack",
+        w / "router" / "router.json",
+        w / "generator" / "params.msgpack",
+        w / "generator" / "generator.json",
+    )
+    return EditorUnderTest("meg", "edited model (MeG)", load, artefacts)
 
 
 def _baseline_stages(ctx: RunContext, edits: EditSet, lineages: dict) -> EditorUnderTest:
