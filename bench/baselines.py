@@ -13,8 +13,14 @@ resident memory (the process's maximum RSS after editing, and after loading the 
 difference is what editing added) come from that child, so the methods do not share an
 allocator's high-water mark. The unedited model's row comes from the same evaluation.
 
-Writes bench/results/baselines.json (top level `methods` keyed ft / memit / alphaedit, each
-with `score` per edit count) and bench/results/baselines.png.
+MeG's column comes from a trained MeG work directory of the same edits (`--meg N=WORKDIR`,
+e.g. the quality benchmark's chosen configuration, evaluated with `evaluation.classic=True` so
+that the classic readings exist): its evaluation summary, and as its editing time the wall time
+its training stages recorded (edits, encoder, router, collect, generator). Its peak memory is not
+measured here (null): those stages ran in another process.
+
+Writes bench/results/baselines.json (top level `methods` keyed ft / memit / alphaedit / meg,
+each with `score` per edit count) and bench/results/baselines.png.
 """
 
 import argparse
@@ -83,6 +89,27 @@ def one(method: str, n: int, out: Path) -> None:
     write_json_atomic(out, json.loads(json.dumps(result, default=float)))
 
 
+def meg_run(workdir: Path) -> dict:
+    """A trained MeG work directory's readings in the shape of a baseline's result."""
+    from meg_jax.infra.fingerprint import StageRecord
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    stages = ("edits", "encoder", "router", "collect", "generator")
+    walls = {s: StageRecord.read(workdir / s).wall_s for s in stages}
+    run: dict = {"method": "meg", "workdir": str(workdir), "stage_seconds": walls}
+    run["n_edits"] = summary["meg"].get("n_records")
+    run["info"] = {"edit_seconds": sum(walls.values())}
+    run["peak_rss_mb_after_edit"] = None  # trained in another process: not measured here
+    for key, row in (("edited", summary["meg"]), ("unedited", summary["unedited"])):
+        part = {"meg_protocol": {k: v for k, v in row.items() if k != "classic"}}
+        part["classic"] = row.get("classic", {})
+        if key == "edited":
+            run.update(part)
+        else:
+            run["unedited"] = part
+    return run
+
+
 def plot(methods: dict, path: Path) -> None:
     import matplotlib
 
@@ -113,6 +140,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, action="append")
     parser.add_argument("--methods", default="ft,memit,alphaedit")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "N", "OUT"))
+    parser.add_argument("--meg", action="append", default=[], metavar="N=WORKDIR")
     args = parser.parse_args()
     if args.one:
         one(args.one[0], int(args.one[1]), Path(args.one[2]))
@@ -136,6 +164,9 @@ def main() -> None:
     for out in sorted(WORK.glob("result-*-*.json")):
         method, n = out.stem.split("-")[1:]
         runs.setdefault(method, {}).setdefault(n, json.loads(out.read_text()))
+    for item in args.meg:
+        n, _, workdir = item.partition("=")
+        runs.setdefault("meg", {})[n] = meg_run(Path(workdir))
     methods = {}
     for method, by_n in runs.items():
         methods[method] = {
@@ -148,8 +179,9 @@ def main() -> None:
     unedited = methods.pop("unedited", None)
     plot(methods, common.RESULTS / "baselines.png")
     result = {
-        "what": "FT-L, MEMIT, AlphaEdit on SmolLM2-135M-Instruct (GGUF Q4_1, float32 compute), "
-        "first n CounterFact edits of counterfact-edit.json, configs/baseline_smollm2.py",
+        "what": "FT-L, MEMIT, AlphaEdit and MeG on SmolLM2-135M-Instruct (GGUF Q4_1, float32 "
+        "compute), first n CounterFact edits of counterfact-edit.json, configs/baseline_smollm2.py "
+        "and MeG's work directories given by --meg",
         "methods": methods,
         "unedited": unedited,
     }

@@ -158,3 +158,29 @@ def test_config_presets_and_errors():
         generator_config({"dit": {"hidden": 30, "heads": 4}})
     with pytest.raises(ValueError, match="sampler.kind"):
         generator_config({"sampler": {"kind": "euler"}})
+
+
+def test_normalization_statistics_in_row_blocks_equal_whole_bank_numpy(monkeypatch):
+    """Blocks of 7 rows (a ragged last block) give numpy's statistics of the whole bank."""
+    import meg_jax.diffusion.normalization as normalization
+
+    monkeypatch.setattr(normalization, "ROW_CHUNK", 7)
+    rng = np.random.default_rng(3)
+    weights = (rng.normal(size=(50, 12)) * np.linspace(0.1, 2.0, 12) + 0.5).astype(np.float32)
+    cond = rng.normal(size=(50, 4)).astype(np.float32)
+    init = rng.normal(size=12).astype(np.float32)
+    w = weights.astype(np.float64)
+    cases = {
+        (False, "mean"): (w.mean(0), np.sqrt(np.mean((w - w.mean(0)) ** 2))),
+        (False, "init"): (init, np.sqrt(np.mean((w - init) ** 2))),
+        (True, "mean"): (w.mean(0), w.std(0)),
+        (True, "init"): (init, w.std(0)),
+    }
+    for (per_dimension, center), (want_center, want_scale) in cases.items():
+        cfg = NormalizationConfig(kind="standardize", center=center, per_dimension=per_dimension)
+        stats = fit_normalization(cfg, weights, cond, init)
+        np.testing.assert_allclose(stats.center, want_center, rtol=1e-6)
+        np.testing.assert_allclose(stats.scale, np.broadcast_to(want_scale, 12), rtol=1e-6)
+    weights[45, 3] = np.inf  # in the last, ragged block
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fit_normalization(NormalizationConfig(), weights, cond)

@@ -39,6 +39,26 @@ class NormStats(NamedTuple):
     cond_center: jnp.ndarray  # [E], zeros unless center_conditions
 
 
+ROW_CHUNK = 1024  # rows per float64 block: statistics of a large bank without a float64 copy
+
+
+def _blocks(weights: np.ndarray):
+    """`weights` [N, P] as float64 blocks of at most ROW_CHUNK rows, each checked finite."""
+    for start in range(0, weights.shape[0], ROW_CHUNK):
+        block = np.asarray(weights[start : start + ROW_CHUNK], dtype=np.float64)
+        if not np.all(np.isfinite(block)):
+            raise ValueError("normalization: weights contain NaN or inf; filter failed rows first")
+        yield block
+
+
+def _row_mean(weights: np.ndarray, fn=None) -> np.ndarray:
+    """Mean over rows of `fn(block)` (the rows themselves without `fn`): [N, P] -> [P]."""
+    total = np.zeros(weights.shape[1])
+    for block in _blocks(weights):
+        total += (block if fn is None else fn(block)).sum(axis=0)
+    return total / weights.shape[0]
+
+
 def fit_normalization(
     config: NormalizationConfig,
     weights: np.ndarray,
@@ -47,17 +67,21 @@ def fit_normalization(
 ) -> NormStats:
     """Fits `NormStats` on the training bank: `weights` [N, P] (finite rows only) and their
     `conditions` [N, E]. `init` [P] is required for center="init" and otherwise ignored.
+    The weights are read in float64 blocks of ROW_CHUNK rows, so a 10,000-row bank is not
+    copied whole (the one-bank-copy rule of the generator's training).
     """
-    weights = np.asarray(weights, dtype=np.float64)
+    weights = np.asarray(weights)
     if weights.ndim != 2 or weights.shape[0] == 0:
         raise ValueError(f"normalization: expected weights [N >= 1, P], got shape {weights.shape}")
-    if not np.all(np.isfinite(weights)):
-        raise ValueError("normalization: weights contain NaN or inf; filter failed rows first")
     length = weights.shape[1]
     if config.kind == "scale":
+        for _ in _blocks(weights):  # refuses non-finite rows, as every kind does
+            pass
         center = np.zeros(length)
         scale = np.full(length, config.scale)
     else:
+        mean = _row_mean(weights)
+        center = mean
         if config.center == "init":
             if init is None:
                 raise ValueError("normalization: center='init' needs the shared initial neuron")
@@ -66,14 +90,12 @@ def fit_normalization(
                 raise ValueError(
                     f"normalization: init has shape {np.shape(init)}, expected [{length}]"
                 )
-        else:
-            center = weights.mean(axis=0)
-        if config.per_dimension:
-            scale = np.maximum(weights.std(axis=0), config.std_floor)
-        else:
-            scale = np.full(
-                length, max(np.sqrt(np.mean((weights - center) ** 2)), config.std_floor)
-            )
+        if config.per_dimension:  # each dimension's own spread, about its mean
+            variance = _row_mean(weights, lambda block: (block - mean) ** 2)
+            scale = np.maximum(np.sqrt(variance), config.std_floor)
+        else:  # one spread about the center
+            squares = _row_mean(weights, lambda block: (block - center) ** 2).mean()
+            scale = np.full(length, max(np.sqrt(squares), config.std_floor))
     conditions = np.asarray(conditions, dtype=np.float64)
     if conditions.ndim != 2 or conditions.shape[0] != weights.shape[0]:
         raise ValueError(
