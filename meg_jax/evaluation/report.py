@@ -4,6 +4,7 @@ All files are written atomically (temporary name, then rename), so a crashed run
 result that looks complete.
 """
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,10 +52,10 @@ def plot_six(summary: dict, path: Path, title: str) -> None:
     ax.set_ylabel("%")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()  # through write_bytes_atomic: one writer when several processes run
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_report(out_dir, rows: Sequence[dict], summary: dict, title: str) -> str:

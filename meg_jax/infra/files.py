@@ -3,9 +3,12 @@
 A crash never leaves a half-written file under the final name, so a result that exists is whole.
 
 Several processes (`meg_jax.infra.distributed`) run the same program and reach the same writes
-with the same bytes: process 0 alone writes, and every process then waits at a barrier named
-after the file, so no process reads a result before it is whole, and a process whose program
-took another path (another file name at this point) fails the barrier instead of going on.
+with the same bytes: process 0 alone writes, between two barriers named after the file. The one
+after it: no process reads a result before it is whole. The one before it: no process reads a
+file too late either, i.e. after process 0 already replaced it with what comes later in the
+program (a memo file read at one point and rewritten further on would otherwise hold more for
+a slower process than for process 0, and the two would take different paths). A process whose
+program took another path (another file name at this point) fails the barrier instead.
 """
 
 import json
@@ -22,10 +25,11 @@ _FILE_MODE = 0o644
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Writes `data` to `path` through a temporary file in the same folder and a rename.
 
-    Under several processes, process 0 writes and all wait until it has (collective: every
-    process must call it, in the same order).
+    Under several processes, process 0 writes once all have arrived, and all wait until it
+    has (collective: every process must call it, in the same order; module docstring).
     """
     path = Path(path)
+    barrier(f"before write {path}")
     if is_main_process():
         _write(path, data)
     barrier(f"write {path}")

@@ -69,6 +69,7 @@ def checkpoint_manager(workdir: str | Path, max_to_keep: int = 2) -> ocp.Checkpo
     they are never a resume point, and they would otherwise pile up with every interrupted run.
     """
     directory = Path(workdir).resolve() / "checkpoints"
+    barrier(f"before checkpoints {directory}")
     if is_main_process():
         _remove_partial_saves(directory)
     barrier(f"checkpoints {directory}")
@@ -116,6 +117,7 @@ def restore_or(manager: ocp.CheckpointManager, initial_state: Any) -> tuple[Any,
             failures.append((step, err))
             continue
         if failures:
+            barrier(f"before moving aside {manager.directory}")  # every process has tried them
             if is_main_process():
                 _move_aside(manager, [s for s, _ in failures], step, failures[0][1])
             barrier(f"moved aside {manager.directory}")

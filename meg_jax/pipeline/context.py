@@ -153,6 +153,7 @@ class StageRun:
     def start(self) -> None:
         """Records the inputs as unfinished (a retrain clears an earlier run of the same inputs)."""
         if self.retrain and self.run_dir.exists():
+            barrier(f"before retrain {self.run_dir}")  # no process still reading it
             if is_main_process():  # one process deletes; the others wait (infra.distributed)
                 shutil.rmtree(self.run_dir)
             barrier(f"retrain {self.run_dir}")
