@@ -9,13 +9,8 @@ dtype=..., and tiny (with host=PATH, bank=PATH) for the same code path on a tiny
 Settings: neuron at layer 14 (linear unit, 8192 values); collection SGD lr 0.02 for 50 steps with a
 true reset per edit (the reference's carry-over of the input half is not available; sweep the lr
 first, see configs/paper.py); router threshold 0.3 (reference) or calibrated.
-zsRE as the paper prepares it (METHOD.md §1.4; configs/paper.py says more): zsre_mend_eval.json
-and zsre_mend_train_10000.json merged (data.edits="a+b"), deduplicated by subject, NQ locality
-questions normalised everywhere they are asked, the wrong-answer filter run on this model with
-n counted after it; pseudo-edits from zsre_mend_train.json less every subject of the edit files.
-The GLM-4 rephrases cannot be regenerated offline: Generality and the pseudo-edit pairs use the
-dataset's MEND rephrase, unless a rephrase file is given (variant rephrases=PATH, a JSON object
-prompt -> [rephrases], see meg_jax/data/rephrases.py).
+zsRE as the paper prepares it (METHOD.md §1.4, configs/paper.py): eval + train_10000 merged,
+deduplicated, NQ questions normalised; the dataset's rephrases unless `:rephrases=PATH`.
 """
 
 from meg_jax.infra.config import load_sibling

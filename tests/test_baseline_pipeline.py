@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hf_tiny import tiny_gptj
-from transformers import AutoTokenizer
+from tiny_run import make_tiny_host
 
 from meg_jax.evaluate import evaluate
 from meg_jax.inference.edited_model import EDITED_LAYERS, EditedLayers, load_editor
@@ -23,7 +23,6 @@ from meg_jax.pipeline import run
 from meg_jax.pipeline.cli import main
 from tests.conftest import REPO_ROOT
 
-GPT2_VOCAB = 50257
 GPTJ = REPO_ROOT / "configs" / "baseline_gptj.py"
 SMOLLM2 = REPO_ROOT / "configs" / "baseline_smollm2.py"
 
@@ -31,14 +30,7 @@ SMOLLM2 = REPO_ROOT / "configs" / "baseline_smollm2.py"
 @pytest.fixture(scope="module")
 def tiny_host(shared_data, tmp_path_factory) -> Path:
     """A tiny random GPT-J HF directory with the GPT-2 tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny_gptj")
-    tiny_gptj(folder, vocab=GPT2_VOCAB)
-    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2", local_files_only=True)
-    tok.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(eos_token_id=50256, bos_token_id=50256, pad_token_id=50256)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return make_tiny_host(tmp_path_factory.mktemp("tiny_gptj"), shared_data, build=tiny_gptj)
 
 
 def _args(spec: str, workdir: Path, *more: str) -> list[str]:

@@ -18,9 +18,10 @@ from meg_jax.data.readers import read_edits
 GPT2_VOCAB = 50257
 
 
-def make_tiny_host(folder: Path, shared_data: Path) -> Path:
-    """A tiny Llama HF directory with the GPT-2 vocabulary and tokenizer."""
-    tiny_llama(folder, vocab=GPT2_VOCAB)
+def make_tiny_host(folder: Path, shared_data: Path, build=tiny_llama) -> Path:
+    """A tiny HF directory (`build`: a tests/hf_tiny builder, Llama by default) with the GPT-2
+    vocabulary and tokenizer."""
+    build(folder, vocab=GPT2_VOCAB)
     tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2", local_files_only=True)
     tok.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
