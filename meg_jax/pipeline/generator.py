@@ -101,13 +101,7 @@ def zero_augmentation_queries(ctx: RunContext, edits: EditSet) -> list[str]:
     towards zero would flatter the Locality reading.
     """
     cfg = ctx.cfg
-    ratio = cfg.generator.zero_augmentation
-    if not cfg.data.pseudo:
-        raise ValueError(
-            f"config.generator.zero_augmentation={ratio}: zero-weight augmentation draws its "
-            "queries from the pseudo-edits, but config.data.pseudo is empty; name a pseudo-edit "
-            "file or set generator.zero_augmentation=0"
-        )
+    ratio = cfg.generator.zero_augmentation  # PipelineConfig refused it without data.pseudo
     records = pseudo_records(ctx)
     records = records[: max(len(records) - _calibration_size(ctx), 0)]
     count = max(1, round(len(edits.records) * ratio))
