@@ -79,14 +79,21 @@ def one(method: str, n: int, out: Path) -> None:
         ctx, edits, {"baseline": lineage}, baseline_under_test(ctx, edited)
     )
     result["eval_seconds"] = time.perf_counter() - start
-    for key, row in (("edited", summaries[method]), ("unedited", summaries["unedited"])):
-        part = {"meg_protocol": {k: v for k, v in row.items() if k != "classic"}}
-        part["classic"] = row.get("classic", {})
-        if key == "edited":
-            result.update(part)
-        else:
-            result["unedited"] = part
+    result.update(readings(summaries[method], summaries["unedited"]))
     write_json_atomic(out, json.loads(json.dumps(result, default=float)))
+
+
+def readings(edited: dict, unedited: dict) -> dict:
+    """A result's readings from two evaluation summaries: the edited model's MeG-protocol
+    figures and classic metrics at the top level, the unedited model's under "unedited"."""
+
+    def split(row: dict) -> dict:
+        return {
+            "meg_protocol": {k: v for k, v in row.items() if k != "classic"},
+            "classic": row.get("classic", {}),
+        }
+
+    return {**split(edited), "unedited": split(unedited)}
 
 
 def meg_run(workdir: Path) -> dict:
@@ -100,13 +107,7 @@ def meg_run(workdir: Path) -> dict:
     run["n_edits"] = summary["meg"].get("n_records")
     run["info"] = {"edit_seconds": sum(walls.values())}
     run["peak_rss_mb_after_edit"] = None  # trained in another process: not measured here
-    for key, row in (("edited", summary["meg"]), ("unedited", summary["unedited"])):
-        part = {"meg_protocol": {k: v for k, v in row.items() if k != "classic"}}
-        part["classic"] = row.get("classic", {})
-        if key == "edited":
-            run.update(part)
-        else:
-            run["unedited"] = part
+    run.update(readings(summary["meg"], summary["unedited"]))
     return run
 
 
