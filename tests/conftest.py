@@ -1,14 +1,83 @@
 """Shared pytest fixtures: CPU backend, the shared data folder, and a fake-multi-device runner."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent XLA compilation cache for the whole session: the tiny pipeline's programs
+# (same shapes, same HLO) are compiled by many tests, by both xdist workers and by the
+# subprocesses of the multi-device and multi-process tests; compiling dominates those tests, so
+# each program is compiled once and loaded after. The cache is keyed by the HLO, the compile
+# options, the devices and XLA_FLAGS, so a hit is the same executable a compile would give, and
+# in-process jit caches (what `_cache_size` and `chex.assert_max_traces` guard) are untouched.
+# The folder is fresh per session (made by the process that starts pytest, inherited through
+# the environment by xdist workers and subprocesses, removed at the end), so nothing carries
+# over between sessions; a JAX_COMPILATION_CACHE_DIR set by the caller is used as given.
+_OWNED_JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWNED_JAX_CACHE = tempfile.mkdtemp(prefix="meg_jax_test_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWNED_JAX_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    # A size limit turns on JAX's file lock around reads and writes: without it, one process
+    # could read an entry another is still writing.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+def pytest_unconfigure(config):
+    if _OWNED_JAX_CACHE is not None:
+        shutil.rmtree(_OWNED_JAX_CACHE, ignore_errors=True)
+
+
+# Seconds per test file in a full `-n 2` run on the 2-core CI machine (rounded; files not named
+# take under ~20 s). Only the order of the run depends on them, never what a test checks.
+SLOW_FILES = {
+    "test_distributed.py": 260,
+    "test_configs.py": 250,
+    "test_baseline_pipeline.py": 230,
+    "test_sharded_stages.py": 170,
+    "test_pipeline.py": 170,
+    "test_evaluator.py": 150,
+    "test_seeds.py": 125,
+    "test_baselines_smollm2.py": 120,
+    "test_collect.py": 80,
+    "test_generation.py": 60,
+    "test_locality_readings.py": 50,
+    "test_diffusion_train.py": 40,
+    "test_routing_breakdown.py": 35,
+    "test_all_prompts.py": 30,
+    "test_metrics_classic.py": 25,
+}
+
+
+def pytest_configure(config):
+    """Under xdist (`-n 2`), whole files go to a worker, the slowest files first.
+
+    A file's module-scoped fixtures (a trained tiny run, a loaded SmolLM2) are built once, not
+    once per worker that happens to get one of its tests; and starting the longest files first
+    lets the two workers finish together instead of one waiting on a late long file. An explicit
+    `--dist` is left as given.
+    """
+    explicit = any(
+        a in ("-d", "--dist") or a.startswith("--dist=") for a in config.invocation_params.args
+    )
+    if getattr(config.option, "dist", "no") == "load" and not explicit:
+        config.option.dist = "loadfile"
+        config.option.loadscopereorder = False  # keep the order below, not "most tests first"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slowest files first (a stable sort: each file's tests stay together, in order)."""
+    items.sort(key=lambda item: -SLOW_FILES.get(item.path.name, 0))
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -24,7 +24,7 @@ from meg_jax.pipeline.seeds import (
 )
 from meg_jax.seeds import parse_seeds
 
-N_EDITS = 5
+N_EDITS = 6  # as the other tiny runs (test_pipeline, test_distributed): the same programs
 SEEDS = (0, 1)
 
 
