@@ -1,13 +1,16 @@
 """Incremental editing against training from scratch, on SmolLM2 and CounterFact.
 
-    python bench/incremental.py [--base 256] [--add 64]
+    python bench/incremental.py [--base 256] [--add 64] [--base-from WORKDIR]
 
 In one run: train `base` edits (configs/smollm2_cf.py:n=BASE) in work directory A, then add
 `add` more (n=BASE+ADD in A: only the new neurons are fitted, router and generator continue from
 their trained weights on the union, the encoder is reused); and train BASE+ADD edits from scratch
 in work directory B. Both are evaluated on the same BASE+ADD edits; the Score is also reported on
 the earlier and the new edits apart. One run of each (a from-scratch run is tens of minutes on
-this CPU), so the ratio is a single measurement, not a median.
+this CPU), so the ratio is a single measurement, not a median. `--base-from` starts A as a copy
+of a work directory already trained on the same BASE edits and settings (e.g. bench/quality.py's
+CounterFact-256 (a) seed 0): the base is then not retrained (and not timed); the pipeline's stage
+fingerprints refuse a directory trained on anything else.
 
 bench/results/incremental.json: `ratio` (from-scratch training time over the addition's) and
 `score_delta` (from-scratch Score minus incremental Score), with per-stage times of each.
@@ -33,11 +36,26 @@ def config(workdir, n: int):
     return load_config(["--config", spec, f"--config.workdir={workdir}"])[0]
 
 
+def _records(workdir) -> dict:
+    stages = [s for s in STAGES if s != "evaluation"]
+    return {s: StageRecord.read(workdir / s) for s in stages}
+
+
 def train(workdir, n: int) -> tuple[float, dict]:
+    """Wall time of training `n` edits in `workdir`, and of each stage that ran (0: skipped)."""
+    before = _records(workdir)
     began = time.perf_counter()
     run(config(workdir, n), evaluate=False)
     wall = time.perf_counter() - began
-    times = {s: StageRecord.read(workdir / s).wall_s for s in STAGES if s != "evaluation"}
+    times = {}
+    for stage, record in _records(workdir).items():
+        old = before[stage]
+        # A skipped stage keeps the record (and the wall time) of the run that made it.
+        ran = old is None or (old.inputs.lineage, old.wall_s) != (
+            record.inputs.lineage,
+            record.wall_s,
+        )
+        times[stage] = record.wall_s if ran else 0.0
     return wall, times
 
 
@@ -66,12 +84,15 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base", type=int, default=256)
     parser.add_argument("--add", type=int, default=64)
+    parser.add_argument("--base-from", default="", help="a work directory trained on BASE edits")
     args = parser.parse_args()
     setup_logging(0)
     inc, scratch = REPO / "runs" / "bench_incremental", REPO / "runs" / "bench_scratch"
     for folder in (inc, scratch):
         shutil.rmtree(folder, ignore_errors=True)
     total = args.base + args.add
+    if args.base_from:
+        shutil.copytree(args.base_from, inc)
     base_s, base_stages = train(inc, args.base)
     add_s, add_stages = train(inc, total)
     scratch_s, scratch_stages = train(scratch, total)
@@ -81,7 +102,12 @@ def main():
         "ratio": scratch_s / add_s,
         "score_delta": scratch_eval["all"]["score"] - inc_eval["all"]["score"],
         "edits": {"base": args.base, "added": args.add},
-        "wall_s": {"base": base_s, "addition": add_s, "from_scratch": scratch_s},
+        "base_from": args.base_from or None,
+        "wall_s": {
+            "base": None if args.base_from else base_s,
+            "addition": add_s,
+            "from_scratch": scratch_s,
+        },
         "stages_s": {"base": base_stages, "addition": add_stages, "from_scratch": scratch_stages},
         "incremental": inc_eval,
         "from_scratch": scratch_eval,

@@ -86,6 +86,18 @@ def test_training_memorises_is_deterministic_and_resumes(tmp_path):
         first.entropy(x[:, :8])
 
 
+def test_training_from_a_trained_router_leaves_its_parameters_usable(tmp_path):
+    # Extending a router (new queries appended) starts from its parameters; the donated training
+    # state must be a copy, or the router handed in would be left with deleted arrays.
+    x = np.random.default_rng(0).standard_normal((24, 8)).astype(np.float32)
+    config = RouterTrainConfig(n_blocks=1, expansion=2, batch_size=8, num_epochs=2)
+    first = train_router(x[:16], config, tmp_path / "first")
+    before = first.entropy(x)
+    extended = train_router(x, config, tmp_path / "extended", init_params=first.params)
+    np.testing.assert_array_equal(first.entropy(x), before)
+    assert not np.array_equal(extended.entropy(x), before)
+
+
 def test_router_trains_on_eight_fake_devices(tmp_path):
     x = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

@@ -171,6 +171,8 @@ def train_router(
     manager = runs.checkpoint_manager(workdir, config.max_to_keep)
     initial = _initial_state(net, tx, init_key, mesh)
     if init_params is not None:
+        # A host copy: the jitted step donates its state, which must not be the caller's arrays.
+        init_params = jax.tree.map(np.array, init_params)
         initial["params"] = device_put_global(init_params, replicated(mesh))
     state, _ = runs.restore_or(manager, initial)
     log = runs.JsonlLog(Path(workdir) / "metrics.jsonl")
