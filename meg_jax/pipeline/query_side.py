@@ -59,6 +59,12 @@ def _pseudo(ctx: RunContext):
     return pool, calibration
 
 
+def calibration_records(ctx: RunContext) -> list[EditRecord]:
+    """The held-out pseudo-edits whose paraphrases and neighbourhood prompts calibrate the
+    router's threshold (empty when calibration is off or there are no pseudo-edits)."""
+    return _pseudo(ctx)[1]
+
+
 def _pseudo_id(ctx: RunContext) -> str:
     """What the pseudo-edits are made of: their files and, when they shape them, the edit files
     (the zsRE split) and the rephrase file. A single CounterFact file keeps its plain hash."""
