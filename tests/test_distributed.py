@@ -344,3 +344,197 @@ def test_pipeline_in_two_processes_equals_one_process(tiny_config_file, tmp_path
         "neurons",
         float(np.abs(flat2 - flat1).max()),
     )
+
+
+# Weight collection alone (the stage the pipeline test above replaces by a given bank), fitted
+# for real on a host that one neuron can move: two processes against one, then a resume.
+# Three edits (CounterFact ids 0, 1, 4) in chunks of 2: two chunks of the same padded length,
+# so one compiled fit program per process; the partial bank after the first chunk is the
+# resume point. Two slots, one per device: in the first chunk each process fits a real edit
+# (with more slots than edits per device, process 1 could hold only padding rows and a fault
+# of its own would not show). Plain SGD at a large rate (the tiny host's logits are flat next
+# to a real model's), 40 steps in one call; two slots cannot be compacted on two devices.
+COLLECT_EDITS = 3
+COLLECT_FIT = {
+    "learning_rate": 5.0,
+    "steps": 40,
+    "check_every": 40,
+    "batch_size": 2,
+    "min_batch": 2,
+    "chunk_size": 2,
+    "max_new_tokens": 8,
+}
+COLLECT_TIMEOUT = 900  # s, for each launch, as PIPELINE_TIMEOUT: two cores shared with other work
+
+
+def _fittable_llama(path: Path, vocab: int):
+    """tests/hf_tiny's Llama shape with weights drawn 25x wider (initializer_range 0.5).
+
+    At HF's default 0.02 the tiny random model's logits are nearly flat: no neuron makes it
+    say an answer (every fit fails, so every bank row is NaN). At 0.5, with the neuron in
+    layer 0, `COLLECT_FIT` fits edits 0 and 4 and fails edit 1: a bank of fitted and failed
+    rows, whose success flags could disagree between two runs.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def collect_config(shared_data, tmp_path_factory) -> tuple[Path, dict]:
+    """(a config file, its dict) of edits, encoder and collect only: no pseudo-edits (the
+    encoder stays as loaded: nothing to train), no router, no given bank. The work directory
+    is overridden."""
+    from tiny_run import make_tiny_host, tiny_run_config
+
+    root = tmp_path_factory.mktemp("dist_collect")
+    host = make_tiny_host(root / "host", shared_data, build=_fittable_llama)
+    config = tiny_run_config(shared_data, host, Path(""), root / "unused", COLLECT_EDITS)
+    config["host"]["neuron_layer"] = 0
+    config["data"].update(pseudo="", n_pseudo_pairs=0, n_val_pairs=0, n_calibration=0)
+    config["router"]["enabled"] = False
+    config["collect"] = {"bank": "", "fit": COLLECT_FIT}
+    config["evaluate"] = False
+    path = root / "collect_config.py"
+    path.write_text(f"def get_config(variant):\n    return {config!r}\n")
+    return path, config
+
+
+def _train_stage(config: Path, workdir: Path, stage: str, env: dict, log: Path) -> subprocess.Popen:
+    """`_train` for `--config.stage=stage` alone (its upstream must be finished in `workdir`)."""
+    args = ["-m", "meg_jax.train", "--config", str(config), f"--config.workdir={workdir}"]
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, *args, f"--config.stage={stage}"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _collect_launches(config: Path, workdirs: dict, logs: dict, single: bool) -> None:
+    """`--config.stage=collect` in two processes x 1 device on `workdirs["multi"]` and, with
+    `single`, at the same time in one process x 2 devices on `workdirs["single"]`."""
+    procs = {}
+    if single:
+        procs["single"] = _train_stage(
+            config, workdirs["single"], "collect", _env(2), logs["single"]
+        )
+    coordinator = f"localhost:{_free_port()}"
+    for i in range(2):
+        env = _env(1, MEG_COORDINATOR=coordinator, MEG_NUM_PROCESSES="2", MEG_PROCESS_ID=str(i))
+        name = f"process{i}"
+        procs[name] = _train_stage(config, workdirs["multi"], "collect", env, logs[name])
+    _wait_all(procs, {n: logs[n] for n in procs}, COLLECT_TIMEOUT)
+
+
+@pytest.mark.slow
+def test_collection_in_two_processes_equals_one_process(collect_config, tmp_path):
+    """Collection (`--config.stage=collect`) in 2 processes x 1 device and 1 process x 2 devices,
+    on copies of one finished edits stage; then the two-process run resumed from its first
+    saved chunk.
+
+    Tolerance: as in the pipeline test, the same programs run on the same 2-device mesh, and
+    each slot's fit stays on one device (rows never interact), so the banks are expected bit for
+    bit; case ids, success flags (a greedy decode) and the shared initial neuron are compared
+    exactly, weights and losses to 1e-5 relative, room for a reordered reduction over 40 steps:
+    a fault (a process fitting its slots on the other's inputs, a row fitted by the wrong
+    process, a seed per process) moves them by the whole fit. Failed fits are NaN rows by design
+    (`Collector.fit`), compared as NaN.
+    """
+    import dataclasses
+    import shutil
+
+    from meg_jax.collect.bank import load_bank, save_bank
+    from meg_jax.pipeline.config import pipeline_config
+    from meg_jax.pipeline.run import run
+
+    config_file, config = collect_config
+    prep = tmp_path / "prep"
+    workdirs = {"single": tmp_path / "single", "multi": tmp_path / "multi"}
+    single, multi = workdirs["single"], workdirs["multi"]
+    logs = {n: tmp_path / f"{n}.log" for n in ("single", "process0", "process1")}
+    # The upstream stages in this process, one stage at a time (each needs the one before).
+    for stage in ("edits", "encoder"):
+        run(pipeline_config({**config, "workdir": str(prep), "stage": stage}))
+    assert not (prep / "collect").exists()
+    shutil.copytree(prep, single)
+    shutil.copytree(prep, multi)
+
+    _collect_launches(config_file, workdirs, logs, single=True)
+    # Process 0 alone reported; the same files (no stray temporaries from a second writer).
+    assert "collect    ran" in logs["process0"].read_text()
+    assert "collect    ran" not in logs["process1"].read_text()
+    files = sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
+    multi_files = sorted(p.relative_to(multi).as_posix() for p in multi.rglob("*") if p.is_file())
+    assert multi_files == files
+    (run_bank,) = [f for f in files if f.startswith("collect/runs/") and f.endswith("bank.npz")]
+
+    bank, multi_bank = load_bank(single / "collect/bank.npz"), load_bank(multi / "collect/bank.npz")
+    _assert_same_bank(multi_bank, bank, "two processes")
+    assert len(bank) == COLLECT_EDITS
+    # The fits ran: some succeeded (their neurons left the shared start), some failed.
+    assert bank.success.any() and not bank.success.all(), (bank.success, bank.final_loss)
+    moved = np.abs(bank.weights[bank.success] - bank.init).max(axis=1)
+    assert moved.min() > 1e-2, moved
+    assert np.isnan(bank.weights[~bank.success]).all() and np.isfinite(bank.final_loss).all()
+    single_record = json.loads((single / "collect/stage.json").read_text())
+    multi_record = json.loads((multi / "collect/stage.json").read_text())
+    assert multi_record["finished"] and multi_record["inputs"] == single_record["inputs"]
+    assert multi_record["summary"] == single_record["summary"]
+    print(
+        "largest differences: weights",
+        float(np.nanmax(np.abs(multi_bank.weights - bank.weights))),
+        "loss",
+        float(np.abs(multi_bank.final_loss - bank.final_loss).max()),
+    )
+
+    # Resume: the stage unfinished and its run directory holding the first chunk only, with
+    # losses marked so that a refit of that chunk (instead of its reuse) would show.
+    chunk = COLLECT_FIT["chunk_size"]
+    first = load_bank(multi / run_bank).select(np.arange(chunk))
+    marked = dataclasses.replace(first, final_loss=first.final_loss + 1000.0)
+    save_bank(marked, multi / run_bank)
+    (multi / "collect/bank.npz").unlink()
+    multi_record["finished"] = False
+    (multi / "collect/stage.json").write_text(json.dumps(multi_record))
+    _collect_launches(config_file, workdirs, logs, single=False)
+    assert "collect    resumed" in logs["process0"].read_text()
+    resumed = load_bank(multi / "collect/bank.npz")
+    _assert_same_bank(resumed.select(np.arange(chunk)), marked, "resumed, kept chunk")
+    rest = np.arange(chunk, COLLECT_EDITS)
+    _assert_same_bank(resumed.select(rest), bank.select(rest), "resumed, refitted chunk")
+    assert json.loads((multi / "collect/stage.json").read_text())["finished"]
+
+
+def _assert_same_bank(multi, single, where: str) -> None:
+    """Case ids, success flags and init exactly; weights and losses to 1e-5 relative."""
+    np.testing.assert_array_equal(multi.case_id, single.case_id, f"{where}: case_id")
+    np.testing.assert_array_equal(multi.success, single.success, f"{where}: success")
+    np.testing.assert_array_equal(multi.init, single.init, f"{where}: init")
+    for field in ("weights", "final_loss"):
+        np.testing.assert_allclose(
+            getattr(multi, field),
+            getattr(single, field),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"{where}: {field}",
+        )
