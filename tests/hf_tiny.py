@@ -20,8 +20,11 @@ def _save(model, path: Path, **save_kwargs) -> Path:
     return path
 
 
-def tiny_llama(path: Path, tie: bool = False, vocab: int = VOCAB, **save_kwargs):
-    """GQA (4 query heads over 2 KV heads) with llama3 rope scaling."""
+def tiny_llama(
+    path: Path, tie: bool = False, vocab: int = VOCAB, init_range: float = 0.02, **save_kwargs
+):
+    """GQA (4 query heads over 2 KV heads) with llama3 rope scaling; weights ~ N(0, init_range)
+    (HF's default 0.02 leaves a tiny model's logits nearly flat)."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -40,6 +43,7 @@ def tiny_llama(path: Path, tie: bool = False, vocab: int = VOCAB, **save_kwargs)
             "original_max_position_embeddings": 32,
         },
         tie_word_embeddings=tie,
+        initializer_range=init_range,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

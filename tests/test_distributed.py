@@ -368,33 +368,16 @@ COLLECT_TIMEOUT = 900  # s, for each launch, as PIPELINE_TIMEOUT: two cores shar
 
 
 def _fittable_llama(path: Path, vocab: int):
-    """tests/hf_tiny's Llama shape with weights drawn 25x wider (initializer_range 0.5).
+    """tests/hf_tiny's Llama with weights drawn 25x wider (initializer_range 0.5).
 
     At HF's default 0.02 the tiny random model's logits are nearly flat: no neuron makes it
     say an answer (every fit fails, so every bank row is NaN). At 0.5, with the neuron in
-    layer 0, `COLLECT_FIT` fits edits 0 and 4 and fails edit 1: a bank of fitted and failed
-    rows, whose success flags could disagree between two runs.
+    layer 0, `COLLECT_FIT` fits some edits and fails others: a bank of fitted and failed rows,
+    whose success flags could disagree between two runs.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.hf_tiny import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(path)
-    return model, path
+    return tiny_llama(path, vocab=vocab, init_range=0.5)
 
 
 @pytest.fixture(scope="module")
