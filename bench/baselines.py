@@ -119,7 +119,7 @@ def plot(methods: dict, path: Path) -> None:
 
     keys = ("rel_ag", "gen_ag", "loc_ag", "rel_tf", "gen_tf", "loc_tf", "score")
     counts = sorted({int(k) for m in methods.values() for k in m["score"]})
-    fig, axes = plt.subplots(1, len(counts), figsize=(6 * len(counts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 4), squeeze=False)
     for ax, n in zip(axes[0], counts, strict=True):
         width = 0.8 / max(len(methods), 1)
         for i, (name, m) in enumerate(methods.items()):
@@ -131,7 +131,7 @@ def plot(methods: dict, path: Path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
         ax.set_ylim(0, 100)
         ax.set_title(f"SmolLM2, {n} CounterFact edits (MeG protocol)")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
