@@ -30,7 +30,12 @@ from meg_jax.pipeline import load_config
 from meg_jax.pipeline.cli import setup_logging
 from meg_jax.pipeline.context import RunContext
 from meg_jax.pipeline.edits import run_edits_stage
-from meg_jax.pipeline.query_side import calibration_records, run_encoder_stage
+from meg_jax.pipeline.query_side import (
+    calibration_queries,
+    calibration_records,
+    router_queries,
+    run_encoder_stage,
+)
 from meg_jax.router.calibrate import calibrate
 from meg_jax.router.train import train_router
 
@@ -54,16 +59,9 @@ def main():
     encoder, _ = run_encoder_stage(ctx)
     calibration = calibration_records(ctx)
     records = edits.records
-    # The router stage's rows: calibration queries first, then the edits (prefix-stable labels).
-    queries = np.concatenate(
-        [
-            encoder.encode([r.prompt for r in calibration]),
-            encoder.encode([r.prompt for r in records]),
-        ]
-    )
+    queries = router_queries(encoder, calibration, records)  # as the router stage trains on
     n_base = len(calibration) + args.base
-    positive = encoder.encode([r.paraphrases[0] for r in calibration])
-    negative = encoder.encode([r.locality_prompts[0] for r in calibration])
+    positive, negative = calibration_queries(encoder, calibration)
     gen = encoder.encode([r.paraphrases[0] for r in records])
     loc = encoder.encode([r.locality_prompts[0] for r in records])
 

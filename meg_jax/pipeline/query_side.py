@@ -65,6 +65,27 @@ def calibration_records(ctx: RunContext) -> list[EditRecord]:
     return _pseudo(ctx)[1]
 
 
+def router_queries(
+    encoder: TextEncoder, calibration: list[EditRecord], edits: list[EditRecord]
+) -> np.ndarray:
+    """[C + N, E] what the router memorises: the calibration pseudo-edits' queries first, then
+    the edits' (labels are prefix-stable, so appended edits keep the earlier labels)."""
+    return np.concatenate(
+        [encoder.encode([r.prompt for r in calibration]), encoder.encode([r.prompt for r in edits])]
+    )
+
+
+def calibration_queries(
+    encoder: TextEncoder, calibration: list[EditRecord]
+) -> tuple[np.ndarray, np.ndarray]:
+    """([C, E] positives, [C, E] negatives) of the threshold's calibration: each calibration
+    pseudo-edit's first paraphrase (to be routed) and first neighbourhood prompt (not)."""
+    return (
+        encoder.encode([r.paraphrases[0] for r in calibration]),
+        encoder.encode([r.locality_prompts[0] for r in calibration]),
+    )
+
+
 def _pseudo_id(ctx: RunContext) -> str:
     """What the pseudo-edits are made of: their files and, when they shape them, the edit files
     (the zsRE split) and the rephrase file. A single CounterFact file keeps its plain hash."""
@@ -148,13 +169,7 @@ def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, enco
     # The encoder's pairs and the calibration records must not be edits (a shared file's far
     # end reached by a large n_edits): checked when the router trains, i.e. before collection.
     check_disjoint(edits.records, [*pool, *calibration], _by_subject(ctx))
-    # Calibration rows first: labels are prefix-stable, so appended edits keep earlier labels.
-    conditions = np.concatenate(
-        [
-            encoder.encode([r.prompt for r in calibration]),
-            encoder.encode([r.prompt for r in edits.records]),
-        ]
-    )
+    conditions = router_queries(encoder, calibration, edits.records)
     train_cfg, init = cfg.router.train, None
     if stage.verdict == "extend":
         init = load_router(stage.folder, ctx.mesh).params
@@ -162,8 +177,7 @@ def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, enco
     router = train_router(conditions, train_cfg, stage.run_dir, mesh=ctx.mesh, init_params=init)
     summary: dict = {"threshold": router.threshold, "calibrated": False}
     if calibration:
-        pos = router.entropy(encoder.encode([r.paraphrases[0] for r in calibration]))
-        neg = router.entropy(encoder.encode([r.locality_prompts[0] for r in calibration]))
+        pos, neg = (router.entropy(x) for x in calibration_queries(encoder, calibration))
         report = calibrate(pos, neg, cfg.router.calibration)
         write_calibration(report, stage.folder / "calibration.json", stage.folder / "roc.png")
         router = router.with_threshold(report["threshold"])
