@@ -47,15 +47,9 @@ def train(workdir, n: int) -> tuple[float, dict]:
     began = time.perf_counter()
     run(config(workdir, n), evaluate=False)
     wall = time.perf_counter() - began
-    times = {}
-    for stage, record in _records(workdir).items():
-        old = before[stage]
-        # A skipped stage keeps the record (and the wall time) of the run that made it.
-        ran = old is None or (old.inputs.lineage, old.wall_s) != (
-            record.inputs.lineage,
-            record.wall_s,
-        )
-        times[stage] = record.wall_s if ran else 0.0
+    # A skipped stage leaves its record (and the wall time of the run that made it) untouched.
+    after = _records(workdir)
+    times = {s: r.wall_s if r != before[s] else 0.0 for s, r in after.items()}
     return wall, times
 
 

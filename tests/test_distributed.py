@@ -215,13 +215,14 @@ def tiny_config_file(shared_data, tmp_path_factory) -> Path:
     return path
 
 
-def _train(config: Path, workdir: Path, env: dict, log: Path) -> subprocess.Popen:
-    """`python -m meg_jax.train` (every stage, then evaluation) writing stdout+stderr to `log`.
+def _train(config: Path, workdir: Path, env: dict, log: Path, *more: str) -> subprocess.Popen:
+    """`python -m meg_jax.train` (every stage, then evaluation; `more`: further flags such as
+    `--config.stage=collect`) writing stdout+stderr to `log`.
 
     Output goes to files, not pipes: a process blocked on a full pipe would stall the other
     process at its next collective, and the test would hang instead of failing.
     """
-    args = ["-m", "meg_jax.train", "--config", str(config), f"--config.workdir={workdir}"]
+    args = ["-m", "meg_jax.train", "--config", str(config), f"--config.workdir={workdir}", *more]
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, *args], env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT
@@ -364,6 +365,7 @@ COLLECT_FIT = {
     "chunk_size": 2,
     "max_new_tokens": 8,
 }
+COLLECT = "--config.stage=collect"  # the stage alone: its upstream is finished in the workdir
 COLLECT_TIMEOUT = 900  # s, for each launch, as PIPELINE_TIMEOUT: two cores shared with other work
 
 
@@ -400,32 +402,17 @@ def collect_config(shared_data, tmp_path_factory) -> tuple[Path, dict]:
     return path, config
 
 
-def _train_stage(config: Path, workdir: Path, stage: str, env: dict, log: Path) -> subprocess.Popen:
-    """`_train` for `--config.stage=stage` alone (its upstream must be finished in `workdir`)."""
-    args = ["-m", "meg_jax.train", "--config", str(config), f"--config.workdir={workdir}"]
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, *args, f"--config.stage={stage}"],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
 def _collect_launches(config: Path, workdirs: dict, logs: dict, single: bool) -> None:
     """`--config.stage=collect` in two processes x 1 device on `workdirs["multi"]` and, with
     `single`, at the same time in one process x 2 devices on `workdirs["single"]`."""
     procs = {}
     if single:
-        procs["single"] = _train_stage(
-            config, workdirs["single"], "collect", _env(2), logs["single"]
-        )
+        procs["single"] = _train(config, workdirs["single"], _env(2), logs["single"], COLLECT)
     coordinator = f"localhost:{_free_port()}"
     for i in range(2):
         env = _env(1, MEG_COORDINATOR=coordinator, MEG_NUM_PROCESSES="2", MEG_PROCESS_ID=str(i))
         name = f"process{i}"
-        procs[name] = _train_stage(config, workdirs["multi"], "collect", env, logs[name])
+        procs[name] = _train(config, workdirs["multi"], env, logs[name], COLLECT)
     _wait_all(procs, {n: logs[n] for n in procs}, COLLECT_TIMEOUT)
 
 
