@@ -1,31 +1,44 @@
 """Weight collection on SmolLM2: our batched stage vs a batch-1 loop like the reference's.
 
     python bench/collection.py [--edits 256] [--loop-edits 24] [--runs 2] [--generator-steps 1000]
+                               [--parts headline,levers,generator] [--bank BANK]
 
-Workload: the first `--edits` CounterFact edits of ../shared/data, templated as the pipeline does
-(`smollm2` template, neuron at layer 14, identity activation), every fit from the same seeded
-PyTorch-Linear-style initial neuron.
+Workload: the first `--edits` CounterFact edits of ../shared/data, templated as the main job
+does (host, layer, activation, prompt form and fit recipe all read from configs/smollm2_cf.py:
+`smollm2_qa`, layer 14, identity), every fit from the same seeded PyTorch-Linear-style initial
+neuron.
 
-Ours: `Collector.fit` on all edits at once with `CollectConfig.fast()` (Adam, early stop once
-every answer token is the argmax and the loss is below 0.2, logits at the answer positions
-only, 32 slots refilled as fits finish, compaction at the tail), then the greedy success test.
+headline. Ours: `Collector.fit` on all edits at once with the main job's recipe,
+`CollectConfig.fast()` (Adam, early stop once every answer token is the argmax and the loss is
+below `stop_loss`, logits at the answer positions only, 32 slots refilled as fits finish,
+compaction at the tail), then the greedy success test; its bank is saved to
+runs/bench_collection/bank.npz. Baseline ("torch"): the reference's stage-3 procedure at batch 1
+in PyTorch transformers on the same float32 weights: the neuron (w_in, w_out) hooked onto layer
+14's MLP, HF causal-LM loss with the prompt masked, plain SGD lr 0.5 for 50 steps (the SmolLM2
+schedule, METHOD.md §3.3b), then a greedy `generate` of up to 20 tokens and the same success
+test. It runs on the first `--loop-edits` edits only (20-30 s per edit here); each timed run
+takes the next `--loop-edits / --runs` of them. Runs alternate with ours. `ratio` is our edits/s
+over the loop's.
 
-Baseline ("torch", the headline): the reference's stage-3 procedure at batch 1 in PyTorch
-transformers on the same float32 weights: the neuron (w_in, w_out) hooked onto layer 14's MLP,
-HF causal-LM loss with the prompt masked, plain SGD lr 0.5 for 50 steps (the SmolLM2 schedule,
-METHOD.md §3.3b), then a greedy `generate` of up to 20 tokens and the same success test. It runs
-on the first `--loop-edits` edits only (about 7 s per edit here; 256 would take half an hour);
-each timed run takes the next `--loop-edits / --runs` of them. Runs alternate with ours.
+levers. Each lever alone (per-step time of the compiled step at several settings, and
+slot-steps per edit of each optimiser/stop rule), and the achieved FLOP/s of our step (matmul
+FLOPs counted by hand over its measured time) against float32 matmul throughput measured here.
 
-Also measured: each lever alone (per-step time of the compiled step at several settings, and
-slot-steps per edit of each optimiser/stop rule), the achieved FLOP/s of our step (XLA's count
-of the compiled step's FLOPs over its measured time) against float32 matmul throughput measured
-here, and with `--generator-steps` the generated-weight success of a generator (preset "fast")
-trained on the bank our stage produced.
+generator. The generated-weight success of a generator (preset "fast", `--generator-steps`)
+trained on a bank of this recipe: the headline's, or `--bank` (e.g. the main job's
+runs/<workdir>/collect/bank.npz, rows matched to edits by case id) when the headline does not
+run in this invocation; its criterion curve (six checks) with wall times, and the bank's spread
+(the criterion is an absolute distance). A bank of `--edits` rows is reported as `generator`,
+another size as `generator_<N>_edits` (the issue's 1,024-edit generator).
+
+Parts not run keep their figures from the existing collection.json; each part records the load
+average it ran at.
 """
 
 import argparse
 import dataclasses
+import json
+import os
 import time
 
 import common  # noqa: F401  (first: it configures torch's thread pool)
@@ -33,18 +46,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from common import SHARED, median, write_result
+from common import REPO, RESULTS, SHARED, median, write_result
 from torch_reference import torch_llama
 
-from meg_jax.checkpoints.hosts import load_host
+from meg_jax.checkpoints.hosts import encoder_path, load_host
+from meg_jax.collect.bank import load_bank, save_bank
 from meg_jax.collect.fit import answer_positions, fit_steps, init_state, torch_linear_init
 from meg_jax.collect.stage import CollectConfig, Collector, _training_batch
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
 from meg_jax.evaluation.metrics import answer_ag_correct
+from meg_jax.pipeline import load_config
 from meg_jax.pipeline.collection import edits_to_fit
 
-LAYER = 14
+MAIN_JOB = REPO / "configs" / "smollm2_cf.py"
+BANK = REPO / "runs" / "bench_collection" / "bank.npz"  # the headline's bank, for the generator
+PARTS = ("headline", "levers", "generator")
 
 
 def torch_loop(model, tokenizer, config, edits, success_fn, init) -> list[bool]:
@@ -57,7 +74,7 @@ def torch_loop(model, tokenizer, config, edits, success_fn, init) -> list[bool]:
         def hook(module, inputs, output, w_in=w_in, w_out=w_out):
             return output + (inputs[0] @ w_in)[..., None] * w_out
 
-        handle = model.model.layers[LAYER].mlp.register_forward_hook(hook)
+        handle = model.model.layers[config.neuron_layer].mlp.register_forward_hook(hook)
         try:
             n_prompt = len(tokenizer(edit.query)["input_ids"])
             ids = torch.tensor([tokenizer(edit.query + edit.answer)["input_ids"]])
@@ -196,27 +213,71 @@ def main():
     parser.add_argument("--edits", type=int, default=256)
     parser.add_argument("--loop-edits", type=int, default=24)
     parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--generator-steps", type=int, default=0, help="0: no generator check")
+    parser.add_argument("--generator-steps", type=int, default=1000)
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help="which parts to run; the others keep their figures from collection.json",
+    )
+    parser.add_argument(
+        "--bank",
+        default=str(BANK),
+        help="the bank the generator part trains on (when the "
+        "headline does not run in this invocation)",
+    )
     args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"--parts: unknown {sorted(unknown)}; expected some of {PARTS}")
     torch.set_num_threads(2)
 
+    main_job, _ = load_config(["--config", str(MAIN_JOB)])
+    host = main_job.host
     config, params, tokenizer = load_host(
-        "smollm2", neuron_layer=LAYER, neuron_activation="identity"
+        host.name, neuron_layer=host.neuron_layer, neuron_activation=host.neuron_activation
     )
-    template = get_template("smollm2")
+    template = get_template(host.template)
     records = read_edits(SHARED / "counterfact" / "counterfact-edit.json", limit=args.edits)
     edits = edits_to_fit(records, template)
+    fast = main_job.collect.fit
+    path = RESULTS / "collection.json"
+    result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    result.pop("machine", None), result.pop("date", None)  # write_result adds this run's
+    if "headline" in parts:
+        result.update(headline(args, config, params, tokenizer, template, edits, fast))
+        result["headline_load_average"] = os.getloadavg()
+        print(write_result("collection", result), result["ratio"], flush=True)
+    if "levers" in parts:
+        result.update(levers(config, params, tokenizer, edits, fast))
+        result["levers_load_average"] = os.getloadavg()
+        write_result("collection", result)
+    if "generator" in parts:
+        bank = load_bank(args.bank)
+        by_id = {r.id: r for r in read_edits(SHARED / "counterfact" / "counterfact-edit.json")}
+        bank_records = [by_id[int(i)] for i in bank.case_id]
+        # The headline's size under "generator", another bank's (e.g. 1,024 edits) beside it.
+        key = "generator" if len(bank) == args.edits else f"generator_{len(bank)}_edits"
+        result[key] = {
+            **generator_check(
+                bank, bank_records, config, params, tokenizer, template, args.generator_steps
+            ),
+            "bank": args.bank,
+            "load_average": os.getloadavg(),
+        }
+        print(result[key], flush=True)
+    print(write_result("collection", result), f"ratio {result['ratio']:.1f}")
+
+
+def headline(args, config, params, tokenizer, template, edits, fast) -> dict:
+    """Ours on all edits vs the batch-1 loop, alternating; saves our bank to `BANK`."""
 
     def success_fn(texts, targets):
         return answer_ag_correct(texts, targets, template.answer_cuts, "exact")
 
-    fast = CollectConfig.fast()
     init = torch_linear_init(config, fast.seed)
     model = torch_llama(config, params)
     for p in model.parameters():
         p.requires_grad_(False)
-
-    # ---- headline: ours on all edits vs the batch-1 loop, alternating -------------------------
     per_run = max(1, args.loop_edits // args.runs)
     collector = Collector(config, params, tokenizer, fast, success_fn)
     # Warm-up (compiles every shape the timed runs meet): the 32 longest edits have the same
@@ -240,15 +301,17 @@ def main():
         loop_success.extend(flags)
         print(f"run {r}: ours {ours_s[-1]:.1f} s, torch {torch_s[-1]:.2f} s/edit", flush=True)
     bank = banks[-1]
+    BANK.parent.mkdir(parents=True, exist_ok=True)
+    save_bank(bank, BANK)
     n_loop = len(loop_success)
     ours_eps = len(edits) / median(ours_s)
     torch_eps = 1.0 / median(torch_s)
-
-    headline = {
+    return {
         "what": "CounterFact edits fitted per second on SmolLM2 (layer 14), ours vs a batch-1 "
         "PyTorch loop following the reference's stage 3",
         "ratio": ours_eps / torch_eps,
         "edits": len(edits),
+        "template": template.name,
         "ours": {
             "config": dataclasses.asdict(fast),
             "edits_per_s": ours_eps,
@@ -272,10 +335,12 @@ def main():
             "warmup_s_one_edit": warm_torch,
         },
     }
-    print(write_result("collection", headline), headline["ratio"], flush=True)
 
-    # ---- levers: per-step time of the compiled step, slot-steps per edit of each recipe --------
-    levers = {}
+
+def levers(config, params, tokenizer, edits, fast) -> dict:
+    """Per-step time of the compiled step per setting, slot-steps per edit of each recipe, and
+    the achieved FLOP/s of our step against this machine's float32 matmul throughput."""
+    steps_time = {}
     for name, cfg, batch in (
         ("full_head_b16", CollectConfig(full_head=True), 16),
         ("answer_head_b16", CollectConfig(), 16),
@@ -284,20 +349,22 @@ def main():
         ("adam_answer_head_b32", fast, 32),
     ):
         step_s, flops, xla_flops = step_timing(config, params, tokenizer, edits, cfg, batch)
-        levers[name] = {
+        steps_time[name] = {
             "batch": batch,
             "step_s": step_s,
             "flops_per_step": flops,
             "xla_cost_analysis_flops_per_step (one loop trip)": xla_flops,
             "gflop_per_s": flops / step_s / 1e9,
         }
-        print(name, levers[name], flush=True)
+        print(name, steps_time[name], flush=True)
     # Steps each edit takes before it stops, per recipe: one compiled call on the first 32
     # edits (32 slots, no refills), `n` steps at most.
     recipes = {}
+    looser = CollectConfig.fast(learning_rate=0.2, stop_loss=1.0)  # rejected: a worse bank
     for name, cfg, n in (
         ("sgd_lr0.5_early_stop", CollectConfig(early_stop=True), 50),
-        ("adam_lr0.1_early_stop (fast)", fast, 30),
+        ("adam_lr0.2_stop1.0_early_stop (rejected, see CollectConfig.fast)", looser, 30),
+        (f"adam_lr{fast.learning_rate}_stop{fast.stop_loss}_early_stop (fast)", fast, 30),
     ):
         steps, correct = steps_to_stop(config, params, tokenizer, edits[:32], cfg, n)
         recipes[name] = {
@@ -310,11 +377,9 @@ def main():
         }
         print(name, recipes[name], flush=True)
     recipes["sgd_lr0.5_no_stop (reference)"] = {"updates_per_edit_mean": 50}
-
     matmul = matmul_flops_per_s()
-    step = levers["adam_answer_head_b32"]
-    result = {
-        **headline,
+    step = steps_time["adam_answer_head_b32"]
+    return {
         "flops": {
             "matmul_f32_flops_per_s": matmul,
             "step_flops_per_s": step["flops_per_step"] / step["step_s"],
@@ -323,16 +388,9 @@ def main():
             "answer head, forward + activation backward of layers 14-29) over its measured "
             "time; matmul: jitted 2048^3 float32, same script",
         },
-        "levers_step_time": levers,
+        "levers_step_time": steps_time,
         "levers_steps_per_edit": recipes,
     }
-    if args.generator_steps:
-        result["generator"] = generator_check(
-            bank, records, config, params, tokenizer, template, args.generator_steps
-        )
-        print(result["generator"], flush=True)
-    path = write_result("collection", result)
-    print(path, f"ratio {result['ratio']:.1f}")
 
 
 def _timed(fn):
@@ -354,26 +412,29 @@ def generator_check(bank, records, config, params, tokenizer, template, steps: i
     from meg_jax.encoder.text_encoder import TextEncoder
     from meg_jax.inference.runner import ModelRunner
     from meg_jax.models.neuron import unflatten_neuron
-    from meg_jax.pipeline import _encoder_path
 
-    encoder = TextEncoder.from_pretrained(_encoder_path("minilm"), template=template.query)
+    encoder = TextEncoder.from_pretrained(encoder_path("minilm"), template=template.query)
     conditions = encoder.encode([r.prompt for r in records])
     keep = bank.fitted
+    fitted = bank.weights[keep]
     prompts = [template.format_query(r.prompt) for r, k in zip(records, keep, strict=True) if k]
     targets = [r.target_new for r, k in zip(records, keep, strict=True) if k]
     runner = ModelRunner(config, params, tokenizer, batch_size=64, show_progress=False)
 
     def callback(step, state, samples, record):
-        if step % steps:
-            return None
+        if step < steps:  # generating for every edit costs minutes: at the end only
+            return {"step": step}
         neurons = unflatten_neuron(np.asarray(samples), config.d_model, False)
         texts = runner.generate(prompts, neurons, 20, template.generation_stops)
-        return {"success": float(np.mean(answer_ag_correct(texts, targets, template.answer_cuts)))}
+        return {
+            "step": step,
+            "success": float(np.mean(answer_ag_correct(texts, targets, template.answer_cuts))),
+        }
 
     overrides = {
         "train": {
             "num_steps": steps,
-            "eval_every": steps,
+            "eval_every": max(steps // 6, 1),
             "checkpoint_every": steps,
             "stop_threshold": 0.0,
             "criterion_sampler": {"kind": "ddim", "steps": 50, "shared_noise": True},
@@ -399,6 +460,17 @@ def generator_check(bank, records, config, params, tokenizer, template, steps: i
         "criterion": float(last["criterion"]),
         "generated_weight_success": float(last["success"]),
         "train_wall_s": time.perf_counter() - began,
+        "curve": [{k: e[k] for k in ("step", "wall_s", "criterion")} for e in result.evaluations],
+        "first_below_0.5": next(
+            (
+                {k: e[k] for k in ("step", "wall_s", "criterion")}
+                for e in result.evaluations
+                if e["criterion"] < 0.5
+            ),
+            None,
+        ),
+        # The criterion is an absolute L2 distance: its meaning depends on the bank's scale.
+        "bank_spread": float(np.linalg.norm(fitted - fitted.mean(0), axis=1).mean()),
         "compare": "bench/results/generator.json, recipe 'ours' at the same step, trained on the "
         "shared reference bank",
     }

@@ -1,13 +1,15 @@
 """The main job end to end on the embedded default: its MeG Score, readings and wall times.
 
-    python bench/default.py [--variant n=256] [--workdir runs/bench_default]
+    python bench/default.py [--variant n=1024] [--workdir runs/bench_default]
 
 Runs `configs/smollm2_cf.py` (SmolLM2-135M GGUF on CPU, CounterFact edits from ../shared/data)
 exactly as `python -m meg_jax.train --config configs/smollm2_cf.py:<variant>` does, in a fresh
 work directory (so nothing is resumed and the wall time covers every stage), then writes
 bench/results/default.json: `score` is the edited model's MeG Score (harmonic mean of Rel/Gen/Loc
 x AG/TF), beside the six readings, the unedited model's, the routing rates, `edits`, the total
-`wall_s` and each stage's wall time (`stages`, from the stage records).
+`wall_s` and each stage's wall time (`stages`, from the stage records). A variant writes
+bench/results/default_<variant>.json instead (`n=1024`: default_n1024.json), beside the
+generator stage's own record (steps, criterion, whether it stopped below the threshold).
 """
 
 import argparse
@@ -53,10 +55,12 @@ def main():
         "routed": meg.get("routed"),
         "routing": meg.get("routing"),
         "bank_fitted": collect.summary.get("fitted") if collect else None,
+        "generator": StageRecord.read(REPO / args.workdir / "generator").summary,
         "config": spec,
     }
     print(f"MeG Score {result['score']:.2f} in {wall / 60:.1f} min: {result['readings']}")
-    print(write_result("default", result))
+    name = "default" + (f"_{args.variant.replace('=', '')}" if args.variant else "")
+    print(write_result(name, result))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import RESULTS, SHARED, median, write_result
 
-from meg_jax.checkpoints.hosts import load_host
+from meg_jax.checkpoints.hosts import encoder_path, load_host
 from meg_jax.collect.bank import load_bank
 from meg_jax.data.jsonio import read_records
 from meg_jax.data.templates import get_template
@@ -35,7 +35,6 @@ from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.evaluation.metrics import answer_ag_correct
 from meg_jax.inference.runner import ModelRunner
 from meg_jax.models.neuron import unflatten_neuron
-from meg_jax.pipeline import _encoder_path
 
 CRITERION_SAMPLER = {"kind": "ddim", "steps": 50, "shared_noise": True}
 
@@ -169,7 +168,7 @@ def main():
     bank = load_bank(SHARED / "banks" / "smollm2_cf256" / "bank.npz")
     edits = read_records(SHARED / "banks" / "smollm2_cf256" / "edits.json")
     template = get_template("smollm2")
-    encoder = TextEncoder.from_pretrained(_encoder_path("minilm"), template=template.query)
+    encoder = TextEncoder.from_pretrained(encoder_path("minilm"), template=template.query)
     conditions = encoder.encode([e["prompt"] for e in edits])
     keep = bank.fitted
     prompts = [template.format_query(e["prompt"]) for e, k in zip(edits, keep, strict=True) if k]

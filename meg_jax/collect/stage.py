@@ -118,7 +118,16 @@ class CollectConfig:
 
     @classmethod
     def fast(cls, **overrides) -> "CollectConfig":
-        """The fast recipe measured by bench/collection.py (Adam, early stop, answer-only head)."""
+        """The fast recipe measured by bench/collection.py (Adam, early stop, answer-only head).
+
+        This recipe collects 23.8x faster than the reference-style loop (bench/collection.py,
+        256 CounterFact edits, SmolLM2 `smollm2_qa`). A looser fit is faster but makes a worse
+        bank: lr 0.2 with stop_loss 1.0 needs 4.2 Adam updates per edit against 6.1 here and
+        collects 26.5x faster, yet its neurons spread further (mean distance from the bank mean
+        11.4 against 8.4 here and 3.6 in the SGD reference bank), the generator's criterion stays
+        at 1.8 after 3,000 steps, and the 256-edit main job scores 54.9 (Gen AG 28.5) against
+        68.0 (42.6) here (bench/results/collection.json, `rejected_recipe_lr0.2_stop1.0`).
+        """
         base = dict(
             optimizer="adam",
             learning_rate=0.1,
