@@ -423,11 +423,11 @@ def generator_check(bank, records, config, params, tokenizer, template, steps: i
 
     def callback(step, state, samples, record):
         if step < steps:  # generating for every edit costs minutes: at the end only
-            return {"step": step}
+            return {"at_step": step}
         neurons = unflatten_neuron(np.asarray(samples), config.d_model, False)
         texts = runner.generate(prompts, neurons, 20, template.generation_stops)
         return {
-            "step": step,
+            "at_step": step,
             "success": float(np.mean(answer_ag_correct(texts, targets, template.answer_cuts))),
         }
 
@@ -460,10 +460,12 @@ def generator_check(bank, records, config, params, tokenizer, template, steps: i
         "criterion": float(last["criterion"]),
         "generated_weight_success": float(last["success"]),
         "train_wall_s": time.perf_counter() - began,
-        "curve": [{k: e[k] for k in ("step", "wall_s", "criterion")} for e in result.evaluations],
+        "curve": [
+            {k: e[k] for k in ("at_step", "wall_s", "criterion")} for e in result.evaluations
+        ],
         "first_below_0.5": next(
             (
-                {k: e[k] for k in ("step", "wall_s", "criterion")}
+                {k: e[k] for k in ("at_step", "wall_s", "criterion")}
                 for e in result.evaluations
                 if e["criterion"] < 0.5
             ),
