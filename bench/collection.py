@@ -222,8 +222,7 @@ def main():
     parser.add_argument(
         "--bank",
         default=str(BANK),
-        help="the bank the generator part trains on (when the "
-        "headline does not run in this invocation)",
+        help="the bank the generator part trains on when the headline does not run",
     )
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
@@ -242,7 +241,8 @@ def main():
     fast = main_job.collect.fit
     path = RESULTS / "collection.json"
     result = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    result.pop("machine", None), result.pop("date", None)  # write_result adds this run's
+    for stamp in ("machine", "date"):  # write_result adds this run's
+        result.pop(stamp, None)
     if "headline" in parts:
         result.update(headline(args, config, params, tokenizer, template, edits, fast))
         result["headline_load_average"] = os.getloadavg()
