@@ -7,9 +7,9 @@ exactly as `python -m meg_jax.train --config configs/smollm2_cf.py:<variant>` do
 work directory (so nothing is resumed and the wall time covers every stage), then writes
 bench/results/default.json: `score` is the edited model's MeG Score (harmonic mean of Rel/Gen/Loc
 x AG/TF), beside the six readings, the unedited model's, the routing rates, `edits`, the total
-`wall_s` and each stage's wall time (`stages`, from the stage records). A variant writes
-bench/results/default_<variant>.json instead (`n=1024`: default_n1024.json), beside the
-generator stage's own record (steps, criterion, whether it stopped below the threshold).
+`wall_s`, each stage's wall time (`stages`, from the stage records) and the generator stage's
+summary (steps, criterion, whether it stopped below the threshold). A variant writes
+bench/results/default_<variant>.json instead (`n=1024`: default_n1024.json).
 """
 
 import argparse
@@ -22,11 +22,6 @@ from meg_jax.evaluation.evaluator import SIX
 from meg_jax.infra.fingerprint import StageRecord
 from meg_jax.pipeline import STAGES, load_config, run
 from meg_jax.pipeline.cli import setup_logging
-
-
-def stage_times(workdir) -> dict:
-    """Each stage's wall time as its record holds it."""
-    return {s: StageRecord.read(workdir / s).wall_s for s in STAGES}
 
 
 def main():
@@ -43,19 +38,19 @@ def main():
     summaries = run(cfg, evaluate=True)
     wall = time.perf_counter() - began
     meg, unedited = summaries["meg"], summaries["unedited"]
-    collect = StageRecord.read(REPO / args.workdir / "collect")
+    records = {s: StageRecord.read(REPO / args.workdir / s) for s in STAGES}  # all finished
     result = {
         "benchmark": "default",
         "score": meg["score"],
         "edits": meg["n_records"],
         "wall_s": wall,
-        "stages": stage_times(REPO / args.workdir),
+        "stages": {s: record.wall_s for s, record in records.items()},
         "readings": {k: meg[k] for k in SIX},
         "unedited": {k: unedited[k] for k in (*SIX, "score")},
         "routed": meg.get("routed"),
         "routing": meg.get("routing"),
-        "bank_fitted": collect.summary.get("fitted") if collect else None,
-        "generator": StageRecord.read(REPO / args.workdir / "generator").summary,
+        "bank_fitted": records["collect"].summary.get("fitted"),
+        "generator": records["generator"].summary,
         "config": spec,
     }
     print(f"MeG Score {result['score']:.2f} in {wall / 60:.1f} min: {result['readings']}")
