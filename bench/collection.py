@@ -1,7 +1,7 @@
 """Weight collection on SmolLM2: our batched stage vs a batch-1 loop like the reference's.
 
     python bench/collection.py [--edits 256] [--loop-edits 24] [--runs 2] [--generator-steps 1000]
-                               [--parts headline,levers,generator] [--bank BANK]
+                               [--parts headline,levers,generator] [--bank BANK] [--label L]
 
 Workload: the first `--edits` CounterFact edits of ../shared/data, templated as the main job
 does (host, layer, activation, prompt form and fit recipe all read from configs/smollm2_cf.py:
@@ -20,16 +20,19 @@ test. It runs on the first `--loop-edits` edits only (20-30 s per edit here); ea
 takes the next `--loop-edits / --runs` of them. Runs alternate with ours. `ratio` is our edits/s
 over the loop's.
 
-levers. Each lever alone (per-step time of the compiled step at several settings, and
-slot-steps per edit of each optimiser/stop rule), and the achieved FLOP/s of our step (matmul
-FLOPs counted by hand over its measured time) against float32 matmul throughput measured here.
+levers. Each lever alone (per-step time of the compiled step at several settings, and per
+optimiser/stop rule the updates per edit and the spread of the fitted neurons: a bank whose rows
+spread further from their mean is harder for the generator), and the achieved FLOP/s of our step
+(matmul FLOPs counted by hand over its measured time) against float32 matmul throughput measured
+here.
 
 generator. The generated-weight success of a generator (preset "fast", `--generator-steps`)
 trained on a bank of this recipe: the headline's, or `--bank` (e.g. the main job's
 runs/<workdir>/collect/bank.npz, rows matched to edits by case id) when the headline does not
 run in this invocation; its criterion curve (six checks) with wall times, and the bank's spread
 (the criterion is an absolute distance). A bank of `--edits` rows is reported as `generator`,
-another size as `generator_<N>_edits` (the issue's 1,024-edit generator).
+another size as `generator_<N>_edits` (the issue's 1,024-edit generator); `--label` names a bank
+of another recipe (`--label fitnsgd`: `generator_<N>_edits_fitnsgd`).
 
 Parts not run keep their figures from the existing collection.json; each part records the load
 average it ran at.
@@ -179,7 +182,8 @@ def step_timing(config, params, tokenizer, edits, cfg: CollectConfig, batch: int
 
 
 def steps_to_stop(config, params, tokenizer, edits, cfg: CollectConfig, n: int):
-    """Per edit: (updates taken before the early stop, argmax correct when stopped)."""
+    """Per edit: (updates taken before the early stop, argmax correct when stopped), and the
+    mean L2 distance of the stopped neurons from their mean."""
     from meg_jax.models.decoder import Decoder
 
     tokens, mask, targets, loss_mask = _training_batch(tokenizer, edits, config.pad_token_id)
@@ -205,7 +209,9 @@ def steps_to_stop(config, params, tokenizer, edits, cfg: CollectConfig, n: int):
         num_steps=n + 1,
         early_stop=True,
     )
-    return np.asarray(state.steps), np.asarray(state.correct)
+    flat = np.concatenate([np.asarray(x).reshape(b, -1) for x in state.neuron], axis=1)
+    spread = float(np.linalg.norm(flat - flat.mean(0), axis=1).mean())
+    return np.asarray(state.steps), np.asarray(state.correct), spread
 
 
 def main():
@@ -224,6 +230,7 @@ def main():
         default=str(BANK),
         help="the bank the generator part trains on when the headline does not run",
     )
+    parser.add_argument("--label", default="", help="a suffix of the generator part's key")
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     if unknown := set(parts) - set(PARTS):
@@ -257,6 +264,7 @@ def main():
         bank_records = [by_id[int(i)] for i in bank.case_id]
         # The headline's size under "generator", another bank's (e.g. 1,024 edits) beside it.
         key = "generator" if len(bank) == args.edits else f"generator_{len(bank)}_edits"
+        key += f"_{args.label}" if args.label else ""
         result[key] = {
             **generator_check(
                 bank, bank_records, config, params, tokenizer, template, args.generator_steps
@@ -346,7 +354,7 @@ def levers(config, params, tokenizer, edits, fast) -> dict:
         ("answer_head_b16", CollectConfig(), 16),
         ("answer_head_b32", CollectConfig(), 32),
         ("answer_head_b64", CollectConfig(), 64),
-        ("adam_answer_head_b32", fast, 32),
+        ("fast_answer_head_b32", fast, 32),
     ):
         step_s, flops, xla_flops = step_timing(config, params, tokenizer, edits, cfg, batch)
         steps_time[name] = {
@@ -361,12 +369,15 @@ def levers(config, params, tokenizer, edits, fast) -> dict:
     # edits (32 slots, no refills), `n` steps at most.
     recipes = {}
     looser = CollectConfig.fast(learning_rate=0.2, stop_loss=1.0)  # rejected: a worse bank
+    nsgd = dict(optimizer="nsgd", stop_loss=fast.stop_loss)
     for name, cfg, n in (
         ("sgd_lr0.5_early_stop", CollectConfig(early_stop=True), 50),
-        ("adam_lr0.2_stop1.0_early_stop (rejected, see CollectConfig.fast)", looser, 30),
-        (f"adam_lr{fast.learning_rate}_stop{fast.stop_loss}_early_stop (fast)", fast, 30),
+        ("adam_lr0.2_stop1.0_early_stop (rejected, see CollectConfig.fast)", looser, 50),
+        ("nsgd_lr1.0_early_stop (fit=nsgd)", CollectConfig.fast(**nsgd, learning_rate=1.0), 50),
+        ("nsgd_lr2.0_early_stop", CollectConfig.fast(**nsgd, learning_rate=2.0), 50),
+        (f"adam_lr{fast.learning_rate}_stop{fast.stop_loss}_early_stop (fast)", fast, 50),
     ):
-        steps, correct = steps_to_stop(config, params, tokenizer, edits[:32], cfg, n)
+        steps, correct, spread = steps_to_stop(config, params, tokenizer, edits[:32], cfg, n)
         recipes[name] = {
             "edits": 32,
             "max_steps": n,
@@ -374,19 +385,20 @@ def levers(config, params, tokenizer, edits, fast) -> dict:
             "updates_per_edit_median": float(np.median(steps)),
             "updates_per_edit_max": int(steps.max()),
             "argmax_correct_at_stop": float(correct.mean()),
+            "neuron_spread": spread,
         }
         print(name, recipes[name], flush=True)
     recipes["sgd_lr0.5_no_stop (reference)"] = {"updates_per_edit_mean": 50}
     matmul = matmul_flops_per_s()
-    step = steps_time["adam_answer_head_b32"]
+    step = steps_time["fast_answer_head_b32"]
     return {
         "flops": {
             "matmul_f32_flops_per_s": matmul,
             "step_flops_per_s": step["flops_per_step"] / step["step_s"],
             "fraction_of_matmul": step["flops_per_step"] / step["step_s"] / matmul,
-            "how": "matmul FLOPs of the fit step counted by hand (step_flops: 32 slots, Adam, "
-            "answer head, forward + activation backward of layers 14-29) over its measured "
-            "time; matmul: jitted 2048^3 float32, same script",
+            "how": "matmul FLOPs of the fit step counted by hand (step_flops: 32 slots, the "
+            "fast recipe, answer head, forward + activation backward of layers 14-29) over its "
+            "measured time; matmul: jitted 2048^3 float32, same script",
         },
         "levers_step_time": steps_time,
         "levers_steps_per_edit": recipes,

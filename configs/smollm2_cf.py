@@ -13,7 +13,9 @@ split, found under the data directory (`$MEG_JAX_DATA` or ../shared/data, see
 Choices for SmolLM2 (METHOD.md §3.3b): the neuron sits at layer 14 as the shared reference bank;
 the Llama form is a linear unit; with a true reset per edit the reference's Llama lr (0.02)
 fits nothing. Collection uses the fast recipe of bench/collection.py (Adam, lr 0.1, up to 50
-steps, each edit stopped once its answer is the argmax with loss below 0.2).
+steps, each edit stopped once its answer is the argmax with loss below 0.2); `:fit=nsgd` fits
+with normalised SGD instead (a bank the generator fits better, a lower Score: see
+`CollectConfig.fast`), in its own work directory.
 
 The prompt form is `smollm2_qa` (two-shot Q/A), chosen by the share of EMPTY pre-edit answers of
 the unedited model (bench/templates.py, first 256 records, greedy, 20 tokens, cut at a newline):
@@ -35,12 +37,19 @@ import ml_collections
 from meg_jax.collect.stage import CollectConfig
 from meg_jax.infra.config import parse_arg
 
+# The collection recipe (`:fit=`): the fast recipe's Adam, or normalised SGD, whose tighter bank
+# the generator fits well but whose neurons answer fewer paraphrases (CollectConfig.fast).
+FITS = {"adam": {}, "nsgd": {"optimizer": "nsgd", "learning_rate": 1.0}}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    v = parse_arg(arg, n=256, smoke=False, da=0.0)
+    v = parse_arg(arg, n=256, smoke=False, da=0.0, fit="adam")
     smoke, da = v.smoke, float(v.da)  # a bare `:da` reads as 1.0
+    if v.fit not in FITS:
+        raise ValueError(f"configs/smollm2_cf.py: fit={v.fit!r}; expected one of {sorted(FITS)}")
     c = ml_collections.ConfigDict()
     c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "") + (f"_da{da:g}" if da else "")
+    c.workdir += "" if v.fit == "adam" else f"_{v.fit}"
     c.seed = 0
     c.evaluate = True  # the main job ends with the evaluation table
     c.host = dict(
@@ -62,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
     )
     c.router = dict(train=dict(num_epochs=60 if smoke else 300, batch_size=256))
-    c.collect = dict(fit=dataclasses.asdict(CollectConfig.fast(chunk_size=64)))
+    c.collect = dict(fit=dataclasses.asdict(CollectConfig.fast(chunk_size=64, **FITS[v.fit])))
     c.generator = dict(preset="fast", zero_augmentation=da)
     if smoke:
         c.generator.overrides = dict(

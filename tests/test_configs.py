@@ -124,6 +124,17 @@ def test_variants_that_do_not_exist_are_refused():
         load_config(["--config", _spec("phi2", "zsre", "host=/x")])
 
 
+def test_main_job_fit_variant_picks_the_collection_recipe():
+    default, _ = load_config(["--config", _spec("smollm2", "cf")])
+    nsgd, _ = load_config(["--config", _spec("smollm2", "cf", "fit=nsgd")])
+    assert (default.collect.fit.optimizer, default.collect.fit.learning_rate) == ("adam", 0.1)
+    assert (nsgd.collect.fit.optimizer, nsgd.collect.fit.learning_rate) == ("nsgd", 1.0)
+    assert nsgd.collect.fit.early_stop and nsgd.collect.fit.stop_loss == 0.2
+    assert nsgd.workdir != default.workdir  # another bank: never the default's stages
+    with pytest.raises(ConfigError, match="fit='lbfgs'"):
+        load_config(["--config", _spec("smollm2", "cf", "fit=lbfgs")])
+
+
 def test_tiny_without_a_model_says_where_to_put_one(monkeypatch):
     monkeypatch.delenv("MEG_JAX_TINY_HOSTS", raising=False)
     with pytest.raises(ConfigError, match=r"host=PATH.*\$MEG_JAX_TINY_HOSTS.*llama3/"):
