@@ -122,15 +122,17 @@ class CollectConfig:
         """The fast recipe measured by bench/collection.py (Adam, early stop, answer-only head).
 
         This recipe collects 23.8x faster than the reference-style loop (bench/collection.py,
-        256 CounterFact edits, SmolLM2 `smollm2_qa`): 7.1 updates per edit, stopped once every
-        answer token is the argmax with loss below 0.2. Adam's first steps move every weight by
-        about lr whatever its gradient, so its neurons spread 8.4 from the bank mean (3.6 in the
-        SGD reference bank) and the generator's criterion, an absolute distance, stays at 1.2
-        after 1,000 steps. Two other recipes were measured (bench/results/collection.json):
-          - normalised SGD, `optimizer="nsgd"`, lr 1.0 (configs/smollm2_cf.py:fit=nsgd): 8.4
-            updates per edit, spread 3.5, the generator below 0.5 within 500 steps; but each
-            neuron answers fewer paraphrases and the main job scores 59.4 (Gen AG 32.4) against
-            68.0 (42.6) here (bench/results/default_fitnsgd.json);
+        256 CounterFact edits, SmolLM2 `smollm2_qa`), each edit stopped once every answer token
+        is the argmax with loss below 0.2: 6.1 updates per edit on the first 32 edits. Adam's
+        first steps move every weight by about lr whatever its gradient, so those neurons spread
+        8.3 from their mean (3.6 in the SGD reference bank) and the generator's criterion, an
+        absolute distance, stays at 1.2 after 1,000 steps on the 256-edit bank. Two other
+        recipes were measured (bench/results/collection.json, `levers_steps_per_edit`):
+          - normalised SGD, `optimizer="nsgd"`, lr 1.0 (configs/smollm2_cf.py:fit=nsgd): 7.0
+            updates per edit, spread 3.5, and in the main job the generator stops below 0.5
+            after 1,000 steps (0.38); but each neuron answers fewer paraphrases (its own Gen AG
+            46.9 against 65.2) and the main job scores 59.4 (Gen AG 32.4) against 68.0 (42.6)
+            here (bench/results/default_fitnsgd.json);
           - Adam lr 0.2 with stop_loss 1.0: 4.2 updates per edit, 26.5x, spread 11.4, Score 54.9
             (`rejected_recipe_lr0.2_stop1.0`).
         """
