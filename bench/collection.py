@@ -255,7 +255,8 @@ def main():
         result["headline_load_average"] = os.getloadavg()
         print(write_result("collection", result), result["ratio"], flush=True)
     if "levers" in parts:
-        result.update(levers(config, params, tokenizer, edits, fast))
+        nsgd = load_config(["--config", f"{MAIN_JOB}:fit=nsgd"])[0].collect.fit
+        result.update(levers(config, params, tokenizer, edits, fast, nsgd))
         result["levers_load_average"] = os.getloadavg()
         write_result("collection", result)
     if "generator" in parts:
@@ -345,9 +346,10 @@ def headline(args, config, params, tokenizer, template, edits, fast) -> dict:
     }
 
 
-def levers(config, params, tokenizer, edits, fast) -> dict:
-    """Per-step time of the compiled step per setting, slot-steps per edit of each recipe, and
-    the achieved FLOP/s of our step against this machine's float32 matmul throughput."""
+def levers(config, params, tokenizer, edits, fast, nsgd) -> dict:
+    """Per-step time of the compiled step per setting, updates per edit and neuron spread of
+    each recipe (the main job's `fast`, its `:fit=nsgd` variant's `nsgd`, and others), and the
+    achieved FLOP/s of our step against this machine's float32 matmul throughput."""
     steps_time = {}
     for name, cfg, batch in (
         ("full_head_b16", CollectConfig(full_head=True), 16),
@@ -369,12 +371,11 @@ def levers(config, params, tokenizer, edits, fast) -> dict:
     # edits (32 slots, no refills), `n` steps at most.
     recipes = {}
     looser = CollectConfig.fast(learning_rate=0.2, stop_loss=1.0)  # rejected: a worse bank
-    nsgd = dict(optimizer="nsgd", stop_loss=fast.stop_loss)
     for name, cfg, n in (
         ("sgd_lr0.5_early_stop", CollectConfig(early_stop=True), 50),
         ("adam_lr0.2_stop1.0_early_stop (rejected, see CollectConfig.fast)", looser, 50),
-        ("nsgd_lr1.0_early_stop (fit=nsgd)", CollectConfig.fast(**nsgd, learning_rate=1.0), 50),
-        ("nsgd_lr2.0_early_stop", CollectConfig.fast(**nsgd, learning_rate=2.0), 50),
+        (f"nsgd_lr{nsgd.learning_rate}_early_stop (fit=nsgd)", nsgd, 50),
+        ("nsgd_lr2.0_early_stop", dataclasses.replace(nsgd, learning_rate=2.0), 50),
         (f"adam_lr{fast.learning_rate}_stop{fast.stop_loss}_early_stop (fast)", fast, 50),
     ):
         steps, correct, spread = steps_to_stop(config, params, tokenizer, edits[:32], cfg, n)
