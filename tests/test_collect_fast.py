@@ -195,8 +195,7 @@ def test_adam_fits_tiny_edits_and_stops_early(tiny):
 
 def test_nsgd_step_has_length_lr_along_the_gradient(tiny):
     config, params, tok = tiny
-    _, mask, _, _, index, a_targets, weights = _batch(tok, EDITS[:4])
-    tokens = _batch(tok, EDITS[:4])[0]
+    tokens, mask, _, _, index, a_targets, weights = _batch(tok, EDITS[:4])
     hidden = Decoder(config).apply(
         {"params": params}, jnp.asarray(tokens), jnp.asarray(mask), method=Decoder.hidden_before
     )

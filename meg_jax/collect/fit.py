@@ -270,9 +270,10 @@ def fit_steps(
             neuron = jax.tree.map(lambda p, gr: p - bcast(lr, p) * gr, s.neuron, g)
             m, v = s.m, s.v
         elif optimizer == "nsgd":
-            # A step of length lr along each row's own gradient direction: as fast as Adam's
-            # first steps, but without Adam's per-coordinate (sign-like) moves of every weight
-            # that the loss hardly depends on, which spread a bank far from its mean.
+            # A step of length lr along each row's own gradient: the gradient's scale (small at
+            # the initial neuron, where plain SGD crawls) no longer sets the pace, and unlike
+            # Adam's first, sign-like steps it leaves alone the weights the loss hardly depends
+            # on, whose moves spread a bank far from its mean.
             norm = jnp.sqrt(sum(jnp.sum(x * x, axis=tuple(range(1, x.ndim))) for x in g))
             scale = lr / jnp.maximum(norm, 1e-12)  # [B]
             neuron = jax.tree.map(lambda p, gr: p - bcast(scale, p) * gr, s.neuron, g)
