@@ -17,6 +17,7 @@ from meg_jax.collect.fit import (
     answer_loss_at,
     answer_positions,
     fit_steps,
+    hidden_before,
     init_state,
     torch_linear_init,
 )
@@ -105,9 +106,7 @@ def _batch(tok, edits):
 def test_answer_only_loss_equals_full_loss(tiny):
     config, params, tok = tiny
     tokens, mask, targets, loss_mask, index, a_targets, weights = _batch(tok, EDITS[:4])
-    hidden = Decoder(config).apply(
-        {"params": params}, jnp.asarray(tokens), jnp.asarray(mask), method=Decoder.hidden_before
-    )
+    hidden = hidden_before(config, params, jnp.asarray(tokens), jnp.asarray(mask))
     rng = np.random.default_rng(0)
     init = torch_linear_init(config, 0)
     neuron = type(init)(
@@ -128,9 +127,7 @@ def test_answer_only_loss_equals_full_loss(tiny):
 def test_early_stopped_rows_keep_their_weights_while_others_continue(tiny):
     config, params, tok = tiny
     tokens, mask, _, _, index, a_targets, weights = _batch(tok, EDITS[:2])
-    hidden = Decoder(config).apply(
-        {"params": params}, jnp.asarray(tokens), jnp.asarray(mask), method=Decoder.hidden_before
-    )
+    hidden = hidden_before(config, params, jnp.asarray(tokens), jnp.asarray(mask))
     init = torch_linear_init(config, 0)
     # Row 0's targets become what the initial model already predicts: it is right at step 0.
     logits = Decoder(config).apply(
@@ -196,9 +193,7 @@ def test_adam_fits_tiny_edits_and_stops_early(tiny):
 def test_nsgd_step_has_length_lr_along_the_gradient(tiny):
     config, params, tok = tiny
     tokens, mask, _, _, index, a_targets, weights = _batch(tok, EDITS[:4])
-    hidden = Decoder(config).apply(
-        {"params": params}, jnp.asarray(tokens), jnp.asarray(mask), method=Decoder.hidden_before
-    )
+    hidden = hidden_before(config, params, jnp.asarray(tokens), jnp.asarray(mask))
     init = torch_linear_init(config, 0)
     state = init_state(init, 4)._replace(done=jnp.zeros((4,), bool))
     args = (config, params, hidden, jnp.asarray(mask), jnp.asarray(index))
