@@ -3,8 +3,9 @@
     python bench/incremental.py [--base 256] [--add 64] [--base-from WORKDIR]
 
 In one run: train `base` edits (configs/smollm2_cf.py:n=BASE) in work directory A, then add
-`add` more (n=BASE+ADD in A: only the new neurons are fitted, router and generator continue from
-their trained weights on the union, the encoder is reused); and train BASE+ADD edits from scratch
+`add` more (n=BASE+ADD in A: only the new neurons are fitted, the generator continues from its
+trained weights on the union, the router is retrained on the union (`router.extend_warm`, off by
+default), the encoder is reused); and train BASE+ADD edits from scratch
 in work directory B. Both are evaluated on the same BASE+ADD edits; the Score is also reported on
 the earlier and the new edits apart. One run of each (a from-scratch run is tens of minutes on
 this CPU), so the ratio is a single measurement, not a median. `--base-from` starts A as a copy

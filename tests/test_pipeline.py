@@ -8,8 +8,10 @@ neuron, so the weight bank is given (random neurons marked fitted); the collecti
 checked on the real SmolLM2 in test_collect.py.
 """
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from tiny_run import make_given_bank, make_tiny_host, tiny_run_config
@@ -19,9 +21,11 @@ from meg_jax.collect.bank import WeightBank, load_bank, save_bank
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
 from meg_jax.infra.fingerprint import StageInputsChanged, StageRecord
+from meg_jax.infra.sharding import make_mesh
 from meg_jax.pipeline import pipeline_config, run
 from meg_jax.pipeline.collection import edits_to_fit
 from meg_jax.pipeline.context import StageNotReady
+from meg_jax.router.gate import load_router
 
 N_EDITS = 6
 N_BANK = 9  # the given bank covers the edits of the extension too
@@ -177,10 +181,48 @@ def test_adding_edits_extends_every_stage(shared_data, tiny_host, given_bank, tm
     for stage in ("router", "collect", "generator"):
         record = _records(tmp_path, stage)
         assert record.finished and len(record.inputs.items) == N_EDITS + 2, stage
-    # The router continued from its trained weights: its run directory is new, few epochs.
     assert _records(tmp_path, "router").inputs.fingerprint != router_before.inputs.fingerprint
+    # The router was retrained on the union from its initialisation: the router of a run on
+    # the union from scratch, bit for bit.
+    scratch = _config(
+        shared_data, tiny_host, given_bank, tmp_path / "scratch", data__n_edits=N_EDITS + 2
+    )
+    _train_through_router(scratch)
+    assert _leaves_equal(_router(tmp_path), _router(tmp_path / "scratch"))
     assert summaries["meg"]["n_records"] == N_EDITS + 2
     assert summaries["unedited"]["loc_ag"] == 100.0
+
+
+def test_a_warm_router_extension_continues_from_the_trained_router(
+    shared_data, tiny_host, given_bank, tmp_path
+):
+    _train_through_router(_config(shared_data, tiny_host, given_bank, tmp_path))
+    before = _router(tmp_path)
+    changes = {"data__n_edits": N_EDITS + 2, "router__extend_warm": True}
+    bigger = _config(shared_data, tiny_host, given_bank, tmp_path, **changes)
+    _train_through_router(bigger)
+    record = _records(tmp_path, "router")
+    log = tmp_path / "router" / "runs" / record.inputs.fingerprint / "warm" / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in log.open()]
+    epochs = bigger.router.extend_epochs  # one step per epoch: the batch holds every query
+    assert steps[-1] == epochs and len(record.inputs.items) == N_EDITS + 2
+    assert not _leaves_equal(_router(tmp_path), before)
+
+
+def _train_through_router(cfg) -> None:
+    """Runs the stages up to and including the router, one at a time."""
+    for stage in ("edits", "encoder", "router"):
+        run(dataclasses.replace(cfg, stage=stage))
+
+
+def _router(workdir) -> dict:
+    """The trained router's parameters in `workdir`, as host arrays."""
+    return jax.tree.map(np.asarray, load_router(workdir / "router", make_mesh()).params)
+
+
+def _leaves_equal(a: dict, b: dict) -> bool:
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(np.array_equal(x, y) for x, y in pairs)
 
 
 def test_unknown_config_key_is_named():

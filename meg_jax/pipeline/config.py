@@ -141,7 +141,12 @@ class RouterStageConfig:
     calibrate: bool = True  # pick the threshold on held-out pseudo-edits; else train.threshold
     train: RouterTrainConfig = RouterTrainConfig()
     calibration: CalibrationConfig = CalibrationConfig()
-    # Epochs over the union when edits are added to a trained router (from its trained weights).
+    # When edits are added to a trained router. False: retrain it on the union from its seeded
+    # initialisation (the router a from-scratch run trains). True: continue from its trained
+    # weights for `extend_epochs` epochs over the union, a third of the default training's cost
+    # but it routes fewer paraphrases (bench/results/router_extension.json: 5.2 points fewer
+    # over 4 seeds; the Score 4.4 lower in incremental.json's first run).
+    extend_warm: bool = False
     extend_epochs: int = 100
     retrain: bool = False
 
@@ -162,7 +167,9 @@ class GeneratorStageConfig:
     dit_preset: str = ""
     overrides: dict = dataclasses.field(default_factory=dict)
     # Steps when edits are added to a trained generator (warm start; the criterion still stops).
-    extend_steps: int = 1000
+    # 800 (of the fast preset's 3,000): with the router retrained on the union, adding 64 edits
+    # to 256 then stays under a third of training the 320 from scratch (incremental.json).
+    extend_steps: int = 800
     # Zero-weight augmentation (MeG's "DA", METHOD.md §4.4): round(N x this) pseudo-irrelevant
     # queries from data.pseudo trained towards the zero neuron (`pipeline.generator`). 0: off,
     # as the paper's main tables; its Table 15 uses 1.0.

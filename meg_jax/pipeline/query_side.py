@@ -3,8 +3,9 @@
 The encoder is tuned on pseudo-edits disjoint from the edit set, so it does not depend on the
 edits: adding facts never retrains it. The router memorises the edit queries (raw text, tuned
 encoder) plus held-out pseudo-edits whose paraphrases and neighbourhood prompts calibrate its
-threshold. Adding edits continues training from the trained router on the union
-(`router.extend_epochs`), then recalibrates.
+threshold. Adding edits retrains it on the union from its seeded initialisation (what a
+from-scratch run trains), or with `router.extend_warm` continues from the trained router for
+`router.extend_epochs`; either way it is then recalibrated.
 """
 
 import dataclasses
@@ -151,7 +152,7 @@ def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, enco
     """The trained, calibrated router (None when `router.enabled` is False) and its lineage."""
     cfg = ctx.cfg
     rc = dataclasses.asdict(cfg.router)
-    for key in ("retrain", "extend_epochs"):
+    for key in ("retrain", "extend_warm", "extend_epochs"):
         rc.pop(key)
     inputs = StageInputs(
         config={**rc, "pseudo": _pseudo_id(ctx), "n_calibration": cfg.data.n_calibration},
@@ -170,11 +171,12 @@ def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, enco
     # end reached by a large n_edits): checked when the router trains, i.e. before collection.
     check_disjoint(edits.records, [*pool, *calibration], _by_subject(ctx))
     conditions = router_queries(encoder, calibration, edits.records)
-    train_cfg, init = cfg.router.train, None
-    if stage.verdict == "extend":
+    train_cfg, init, run_dir = cfg.router.train, None, stage.run_dir
+    if stage.verdict == "extend" and cfg.router.extend_warm:
         init = load_router(stage.folder, ctx.mesh).params
         train_cfg = dataclasses.replace(train_cfg, num_epochs=cfg.router.extend_epochs)
-    router = train_router(conditions, train_cfg, stage.run_dir, mesh=ctx.mesh, init_params=init)
+        run_dir = run_dir / "warm"  # never resumed as, nor from, a retraining of the same union
+    router = train_router(conditions, train_cfg, run_dir, mesh=ctx.mesh, init_params=init)
     summary: dict = {"threshold": router.threshold, "calibrated": False}
     if calibration:
         pos, neg = (router.entropy(x) for x in calibration_queries(encoder, calibration))
