@@ -40,16 +40,23 @@ from meg_jax.infra.config import parse_arg
 # The collection recipe (`:fit=`): the fast recipe's Adam, or normalised SGD, whose tighter bank
 # the generator fits well but whose neurons answer fewer paraphrases (CollectConfig.fast).
 FITS = {"adam": {}, "nsgd": {"optimizer": "nsgd", "learning_rate": 1.0}}
+# `:ctx=K` fits each edit also behind K contexts, the host's continuations of MEMIT's first K
+# context seeds (`CollectConfig.context_seeds`).
+CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    v = parse_arg(arg, n=256, smoke=False, da=0.0, fit="adam")
+    v = parse_arg(arg, n=256, smoke=False, da=0.0, fit="adam", ctx=0)
     smoke, da = v.smoke, float(v.da)  # a bare `:da` reads as 1.0
     if v.fit not in FITS:
         raise ValueError(f"configs/smollm2_cf.py: fit={v.fit!r}; expected one of {sorted(FITS)}")
+    if not 0 <= v.ctx <= len(CONTEXT_SEEDS):
+        raise ValueError(
+            f"configs/smollm2_cf.py: ctx={v.ctx!r}; expected 0 to {len(CONTEXT_SEEDS)}"
+        )
     c = ml_collections.ConfigDict()
     c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "") + (f"_da{da:g}" if da else "")
-    c.workdir += "" if v.fit == "adam" else f"_{v.fit}"
+    c.workdir += ("" if v.fit == "adam" else f"_{v.fit}") + (f"_ctx{v.ctx}" if v.ctx else "")
     c.seed = 0
     c.evaluate = True  # the main job ends with the evaluation table
     c.host = dict(
@@ -71,7 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ),
     )
     c.router = dict(train=dict(num_epochs=60 if smoke else 300, batch_size=256))
-    c.collect = dict(fit=dataclasses.asdict(CollectConfig.fast(chunk_size=64, **FITS[v.fit])))
+    fit = CollectConfig.fast(chunk_size=64, context_seeds=CONTEXT_SEEDS[: v.ctx], **FITS[v.fit])
+    c.collect = dict(fit=dataclasses.asdict(fit))
     c.generator = dict(preset="fast", zero_augmentation=da)
     if smoke:
         c.generator.overrides = dict(

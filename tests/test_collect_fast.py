@@ -4,6 +4,7 @@ Adam, config validation, resume.
 Axes: B edits, T tokens, A answer positions, P flat neuron length.
 """
 
+import dataclasses
 import re
 
 import jax
@@ -30,6 +31,7 @@ from meg_jax.collect.stage import (
 )
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder
+from meg_jax.models.neuron import unflatten_neuron
 
 EOS = "|"  # the tiny tokenizer's end-of-sequence text
 
@@ -275,6 +277,69 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     np.testing.assert_allclose(resumed.weights, whole.weights, rtol=1e-4, atol=1e-6)
 
 
+def test_a_context_equal_to_the_query_changes_no_fitted_weight(tiny):
+    """A fit's loss is the mean over its sequences: the query twice is the query once."""
+    config, params, tok = tiny
+    cfg = CollectConfig(**FAST, batch_size=4)
+    alone = Collector(config, params, tok, cfg, exact_success).fit(EDITS)
+    doubled = [dataclasses.replace(e, contexts=(e.query,)) for e in EDITS]
+    twice = Collector(config, params, tok, cfg, exact_success).fit(doubled)
+    np.testing.assert_array_equal(twice.success, alone.success)
+    # Twice the rows run other matmul shapes: rounding differences of about 1e-5 after Adam's
+    # 60 steps (as batch sizes in the compaction test); a wrong mean would be off by ~0.1.
+    np.testing.assert_allclose(twice.weights, alone.weights, rtol=1e-3, atol=1e-4)
+
+
+def test_contexts_are_fitted_alongside_the_query(tiny):
+    config, params, tok = tiny
+    cfg = CollectConfig(**FAST, batch_size=4)
+    behind = [dataclasses.replace(e, contexts=(f"The end. {e.query}",)) for e in EDITS]
+    with_contexts = Collector(config, params, tok, cfg, exact_success).fit(behind)
+    query_only = Collector(config, params, tok, cfg, exact_success).fit(EDITS)
+    tokens, mask, targets, loss_mask = _training_batch(tok, behind, 0)
+    index, a_targets, weights = answer_positions(loss_mask, targets)
+    hidden = hidden_before(config, params, jnp.asarray(tokens), jnp.asarray(mask))
+
+    def per_sequence(bank):  # ([B, 2] answer loss, [B, 2] all answer tokens the argmax)
+        neuron = unflatten_neuron(
+            jnp.repeat(jnp.asarray(bank.weights), 2, axis=0), config.d_model, False
+        )
+        out = answer_loss_at(
+            config, params, hidden, jnp.asarray(mask), index, a_targets, weights, neuron
+        )
+        return tuple(np.asarray(x).reshape(-1, 2) for x in out)
+
+    loss, correct = per_sequence(with_contexts)  # NaN rows: fits that failed the greedy test
+    fitted = with_contexts.success & query_only.success
+    assert fitted.sum() >= 4
+    # The fit's loss is the mean of its two sequences'; a fit stopped early states its answer
+    # (teacher-forced) behind the context as well as alone.
+    np.testing.assert_allclose(
+        loss[fitted].mean(axis=1), with_contexts.final_loss[fitted], rtol=1e-4, atol=1e-5
+    )
+    stopped = fitted & (with_contexts.final_loss < FAST["stop_loss"])
+    assert correct[stopped].all()
+    # Behind the context, the neurons fitted there do much better than those fitted without it.
+    assert loss[fitted, 1].mean() < 0.5 * per_sequence(query_only)[0][fitted, 1].mean()
+
+
+def test_a_batch_with_unequal_context_counts_is_refused(tiny):
+    _, _, tok = tiny
+    edits = [EDITS[0], dataclasses.replace(EDITS[1], contexts=(EDITS[1].query,))]
+    with pytest.raises(ValueError, match="edit 11: 2 queries, but edit 10 of the same batch has 1"):
+        _training_batch(tok, edits, 0)
+
+
+def test_contexts_are_the_hosts_continuations_of_the_seeds(tiny):
+    config, params, tok = tiny
+    seeds = ("The", "Because")
+    cfg = CollectConfig(**FAST, context_seeds=seeds, context_tokens=3)
+    contexts = Collector(config, params, tok, cfg, exact_success).contexts()
+    assert len(contexts) == 2 and all(c.startswith(s) for c, s in zip(contexts, seeds, strict=True))
+    assert contexts == Collector(config, params, tok, cfg, exact_success).contexts()
+    assert Collector(config, params, tok, CollectConfig(**FAST), exact_success).contexts() == ()
+
+
 @pytest.mark.parametrize(
     "changes, field",
     [
@@ -286,6 +351,8 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
         (dict(check_every=0), "check_every"),
         (dict(retry_steps=-1), "retry_steps"),
         (dict(chunk_size=0), "chunk_size"),
+        (dict(context_seeds=("The", " ")), "context_seeds"),
+        (dict(context_tokens=0), "context_tokens"),
     ],
 )
 def test_config_validation_names_the_field(changes, field):

@@ -135,6 +135,16 @@ def test_main_job_fit_variant_picks_the_collection_recipe():
         load_config(["--config", _spec("smollm2", "cf", "fit=lbfgs")])
 
 
+def test_main_job_ctx_variant_fits_behind_contexts_in_its_own_workdir():
+    default, _ = load_config(["--config", _spec("smollm2", "cf")])
+    ctx, _ = load_config(["--config", _spec("smollm2", "cf", "ctx=2")])
+    assert tuple(default.collect.fit.context_seeds) == ()
+    assert tuple(ctx.collect.fit.context_seeds) == ("The", "Therefore")
+    assert ctx.collect.fit.optimizer == "adam" and ctx.workdir.endswith("_ctx2")
+    with pytest.raises(ConfigError, match="ctx=6"):
+        load_config(["--config", _spec("smollm2", "cf", "ctx=6")])
+
+
 def test_tiny_without_a_model_says_where_to_put_one(monkeypatch):
     monkeypatch.delenv("MEG_JAX_TINY_HOSTS", raising=False)
     with pytest.raises(ConfigError, match=r"host=PATH.*\$MEG_JAX_TINY_HOSTS.*llama3/"):

@@ -18,12 +18,13 @@ from tiny_run import make_given_bank, make_tiny_host, tiny_run_config
 
 import meg_jax
 from meg_jax.collect.bank import WeightBank, load_bank, save_bank
+from meg_jax.collect.stage import CollectConfig
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
 from meg_jax.infra.fingerprint import StageInputsChanged, StageRecord
 from meg_jax.infra.sharding import make_mesh
 from meg_jax.pipeline import pipeline_config, run
-from meg_jax.pipeline.collection import edits_to_fit
+from meg_jax.pipeline.collection import edits_to_fit, fit_settings
 from meg_jax.pipeline.context import StageNotReady
 from meg_jax.router.gate import load_router
 
@@ -238,6 +239,20 @@ def test_collection_inputs_are_keyed_by_dataset_ids(shared_data):
     assert edits[0].query == template.format_query(records[0].prompt)
     assert edits[0].answer == template.format_answer(records[0].target_new)
     assert edits[0].target == records[0].target_new
+    assert edits[0].contexts == ()
+    behind = edits_to_fit(records, get_template("smollm2_qa"), ("The sun rose.", "I think"))
+    assert behind[1].contexts == tuple(
+        get_template("smollm2_qa").format_query(f"{c} {records[1].prompt}")
+        for c in ("The sun rose.", "I think.")
+    )
+
+
+def test_context_settings_enter_the_collection_identity_only_when_on():
+    """Banks collected before contexts existed keep their stage identity."""
+    off = fit_settings(CollectConfig.fast())
+    assert "context_seeds" not in off and "context_tokens" not in off
+    on = fit_settings(CollectConfig.fast(context_seeds=("The",)))
+    assert on["context_seeds"] == ("The",) and on["context_tokens"] == 10
 
 
 def test_an_artefact_changed_behind_its_stage_is_evaluated_again(trained):

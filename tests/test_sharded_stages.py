@@ -17,6 +17,7 @@ collection that is the figure tests/test_collect_fast.py measured for batch size
 whole fit, which the test checks is at least 100 times larger.
 """
 
+import dataclasses
 import json
 import sys
 
@@ -38,7 +39,7 @@ from test_collect_fast import EDITS, FAST, WordTokenizer, exact_success, tiny_ll
 COLLECT = dict(FAST, batch_size=4, min_batch=1, check_every=2)
 
 _COLLECT_RUN = """
-import json, sys
+import dataclasses, json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 import meg_jax.collect.stage as stage
@@ -73,7 +74,7 @@ for name, (data, model) in {{"data8": (8, 1), "data4_model2": (4, 2)}}.items():
         config, params, WordTokenizer(), stage.CollectConfig(**{cfg!r}), exact_success,
         mesh=make_mesh(data, model),
     )
-    bank = collector.fit(EDITS)
+    bank = collector.fit({edits})
     np.savez({out!r} + "_" + name + ".npz", weights=bank.weights, success=bank.success,
              loss=bank.final_loss)
     out[name] = {{"first": seen[0], "last": seen[-1], "calls": len(seen)}}
@@ -92,7 +93,9 @@ def tiny(tmp_path_factory):
 
 def test_sharded_collection_equals_one_device(tiny, tmp_path):
     config, params, params_path = tiny
-    code = _COLLECT_RUN.format(params=str(params_path), cfg=COLLECT, out=str(tmp_path / "bank"))
+    code = _COLLECT_RUN.format(
+        params=str(params_path), cfg=COLLECT, out=str(tmp_path / "bank"), edits="EDITS"
+    )
     placed = json.loads(run_with_fake_devices(code, n_devices=8).strip().splitlines()[-1])
 
     single = Collector(config, params, WordTokenizer(), CollectConfig(**COLLECT), exact_success)
@@ -144,7 +147,7 @@ GEN_TRAIN = {
 }
 
 _GENERATOR_RUN = """
-import json, sys
+import dataclasses, json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from test_sharded_stages import GEN_TRAIN, generator_bank
@@ -261,3 +264,27 @@ def test_minibatches_are_the_normalised_bank_without_a_copy():
     full_c = np.asarray(center_conditions(norm, np.concatenate([bank.conditions, zeros])))
     np.testing.assert_array_equal(x0, full_x0[rows].astype(np.float32))
     np.testing.assert_array_equal(c, full_c[rows])
+
+
+# Each edit fitted alone and behind one context: two sequences per slot, split with the slots.
+_BEHIND = "[dataclasses.replace(e, contexts=('The end. ' + e.query,)) for e in EDITS]"
+
+
+def test_sharded_collection_with_contexts_equals_one_device(tiny, tmp_path):
+    config, params, params_path = tiny
+    code = _COLLECT_RUN.format(
+        params=str(params_path), cfg=COLLECT, out=str(tmp_path / "bank"), edits=_BEHIND
+    )
+    placed = json.loads(run_with_fake_devices(code, n_devices=8).strip().splitlines()[-1])
+    behind = [dataclasses.replace(e, contexts=("The end. " + e.query,)) for e in EDITS]
+    single = Collector(config, params, WordTokenizer(), CollectConfig(**COLLECT), exact_success)
+    one = single.fit(behind)
+    assert one.success.sum() >= 4
+    for name in ("data8", "data4_model2"):
+        with np.load(tmp_path / f"bank_{name}.npz") as sharded:
+            np.testing.assert_array_equal(sharded["success"], one.success, err_msg=name)
+            np.testing.assert_allclose(
+                sharded["weights"], one.weights, rtol=1e-3, atol=1e-4, err_msg=name
+            )
+    # Two sequences per slot: 8 slots hold 16 rows, 2 on each of the 8 data devices.
+    assert placed["data8"]["first"]["width"] == 16

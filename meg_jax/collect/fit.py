@@ -201,7 +201,7 @@ def init_state(init: Neuron, batch: int) -> FitState:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "optimizer", "num_steps", "early_stop", "full_head"),
+    static_argnames=("config", "optimizer", "num_steps", "early_stop", "full_head", "contexts"),
     donate_argnames=("state",),
 )
 def fit_steps(
@@ -221,10 +221,16 @@ def fit_steps(
     num_steps: int,
     early_stop: bool,
     full_head: bool = False,
+    contexts: int = 1,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> FitState:
     """`num_steps` steps of B independent fits, each row at its own point of its schedule.
+
+    The sequence inputs (`hidden`, `mask`, `index`, `targets`, `weights`) hold `contexts` rows
+    per fit, fit-major ([B * K, ...]): the fit's query alone and behind other contexts. A fit's
+    loss is the mean of its K sequences' losses, and its answer counts as the argmax only when
+    it is in all K.
 
     Every step evaluates each row's loss and answer argmax at its current neuron (one forward
     and backward of the layers from the neuron layer up, logits at the answer positions only),
@@ -242,9 +248,12 @@ def fit_steps(
     betas = tuple(betas)
 
     def total(n):
+        per_sequence = Neuron(*(jnp.repeat(x, contexts, axis=0) for x in n))  # [B * K, ...]
         loss, correct = answer_loss_at(
-            config, params, hidden, mask, index, targets, weights, n, full_head
+            config, params, hidden, mask, index, targets, weights, per_sequence, full_head
         )
+        loss = loss.reshape(-1, contexts).mean(axis=1)  # [B]
+        correct = correct.reshape(-1, contexts).all(axis=1)
         return jnp.sum(loss), (loss, correct)
 
     grad_fn = jax.grad(total, has_aux=True)

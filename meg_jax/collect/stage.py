@@ -11,6 +11,11 @@ test (and optionally more steps for the fits that failed it). The reference's Sm
 and a per-edit early stop once every answer token is the argmax and the loss is below
 `stop_loss` (the reference's GPT-J rule).
 
+With `context_seeds`, each edit is also fitted behind K short texts the host writes itself
+(MEMIT's context templates; `Collector.contexts`): its K + 1 sequences share its neuron, its loss
+is their mean, and it stops only once its answer is the argmax in all of them. The success test
+still asks the query alone.
+
 How it runs (`Collector.fit`): the frozen layers below the neuron layer run once per edit; the
 edits then stream through B slots of one compiled step (`fit.fit_steps`: layers from the neuron
 layer up, logits at the answer positions only). Each slot is at its own step; between calls of
@@ -95,6 +100,12 @@ class CollectConfig:
     init_from_bank: str = ""
     # Edits per saved chunk: the resume granularity.
     chunk_size: int = 64
+    # Contexts (MEMIT's context templates): each seed's greedy continuation of `context_tokens`
+    # tokens by the host, put before the query; each edit is fitted on its query alone and
+    # behind each context (`Collector.contexts`), so its neuron states the fact after unrelated
+    # text too, as CounterFact's paraphrase prompts begin. Empty: the query alone (reference).
+    context_seeds: tuple[str, ...] = ()
+    context_tokens: int = 10
 
     def __post_init__(self):
         def bad(field, why):
@@ -109,13 +120,15 @@ class CollectConfig:
         for name in ("steps", "cosine_period", "check_every", "batch_size", "min_batch"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("chunk_size", "max_new_tokens"):
+        for name in ("chunk_size", "max_new_tokens", "context_tokens"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
         if self.retry_steps < 0:
             bad("retry_steps", "must be >= 0")
         if self.early_stop and not self.stop_loss > 0:
             bad("stop_loss", "must be > 0 when early_stop is on")
+        if not all(isinstance(x, str) and x.strip() for x in self.context_seeds):
+            bad("context_seeds", "expected non-empty strings")
 
     @classmethod
     def fast(cls, **overrides) -> "CollectConfig":
@@ -158,18 +171,32 @@ class EditToFit:
     query: str  # the templated prompt
     answer: str  # the fitting continuation, `" {target}." + eos`
     target: str  # the bare target, for the success test
+    # The query behind other text, templated the same (`CollectConfig.context_seeds`): fitted
+    # with the same answer; the success test asks `query` alone.
+    contexts: tuple[str, ...] = ()
+
+    @property
+    def queries(self) -> tuple[str, ...]:
+        return (self.query, *self.contexts)
 
 
 def _training_batch(tokenizer, edits: Sequence[EditToFit], pad_id: int, bucket: int = 8):
-    """Right-padded (tokens, mask, next-token targets, answer-loss mask), each [B, T]."""
+    """Right-padded (tokens, mask, next-token targets, answer-loss mask), each [B * K, T]: the
+    K = len(queries) sequences of each edit, edit-major (every edit must have the same K)."""
     rows, prompt_lens = [], []
     for edit in edits:
-        prompt_ids = tokenizer(edit.query)["input_ids"]
-        full_ids = tokenizer(edit.query + edit.answer)["input_ids"]
-        if len(full_ids) <= len(prompt_ids):
-            raise ValueError(f"edit {edit.case_id}: the answer {edit.answer!r} adds no tokens")
-        rows.append(full_ids)
-        prompt_lens.append(len(prompt_ids))
+        if len(edit.queries) != len(edits[0].queries):
+            raise ValueError(
+                f"edit {edit.case_id}: {len(edit.queries)} queries, but edit "
+                f"{edits[0].case_id} of the same batch has {len(edits[0].queries)}"
+            )
+        for query in edit.queries:
+            prompt_ids = tokenizer(query)["input_ids"]
+            full_ids = tokenizer(query + edit.answer)["input_ids"]
+            if len(full_ids) <= len(prompt_ids):
+                raise ValueError(f"edit {edit.case_id}: the answer {edit.answer!r} adds no tokens")
+            rows.append(full_ids)
+            prompt_lens.append(len(prompt_ids))
     length = -(-max(len(r) for r in rows) // bucket) * bucket
     tokens = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), bool)
@@ -265,6 +292,30 @@ class Collector:
             out.extend(self.success_fn(texts, [e.target for e in edits[b : b + n]]))
         return np.asarray(out, bool)
 
+    def contexts(self) -> tuple[str, ...]:
+        """The texts put before the queries (`CollectConfig.context_seeds`): each seed and the
+        host's greedy continuation of it, at most `context_tokens` new tokens, on one line."""
+        seeds = self.cfg.context_seeds
+        if not seeds:
+            return ()
+        # Each seed opens a line, as text does: SmolLM2-Instruct continues a bare "The" with
+        # "-the-world-is-a-world", and "\nThe" with "The company's decision to prioritize...".
+        rows = [self.tokenizer("\n" + seed)["input_ids"] for seed in seeds]
+        width = -(-len(rows) // self.shards) * self.shards  # the data axis splits the rows
+        tokens, mask = left_pad(rows + [rows[-1]] * (width - len(rows)), self.config.pad_token_id)
+        generated = greedy_generate(
+            self.config,
+            self.params,
+            *self._place((tokens, mask)),
+            max_new_tokens=self.cfg.context_tokens,
+            stop_ids=self.stop_ids,
+        )
+        texts = self.tokenizer.batch_decode(
+            gather_to_host(generated)[: len(seeds)], skip_special_tokens=True
+        )
+        pairs = zip(seeds, texts, strict=True)
+        return tuple(" ".join(f"{seed}{text}".split()) for seed, text in pairs)
+
     def _place(self, tree):
         """Slot-major arrays onto the devices: split over the mesh's "data" axis, or (no mesh)
         on the default device."""
@@ -291,19 +342,23 @@ class Collector:
 
     def fit(self, edits: Sequence[EditToFit]) -> WeightBank:
         cfg, config = self.cfg, self.config
+        n, k = len(edits), len(edits[0].queries)
         # Lengths rounded to 4, not 8: every padded position costs a full step of work.
         tokens, mask, targets, loss_mask = _training_batch(
             self.tokenizer, edits, config.pad_token_id, bucket=4
         )
         index, answer_targets, weights = answer_positions(loss_mask, targets)
+
+        def per_edit(x: np.ndarray) -> np.ndarray:  # [N * K, ...] -> [N, K, ...]
+            return x.reshape(n, k, *x.shape[1:])
+
         data = {
-            "hidden": self._hidden(tokens, mask),
-            "mask": mask,
-            "index": index,
-            "targets": answer_targets,
-            "weights": weights,
+            "hidden": per_edit(self._hidden(tokens, mask)),
+            "mask": per_edit(mask),
+            "index": per_edit(index),
+            "targets": per_edit(answer_targets),
+            "weights": per_edit(weights),
         }
-        n = len(edits)
         init = np.asarray(flatten_neuron(self.init, config.neuron_has_bias)[0], np.float32)
         start = np.repeat(init[None], n, axis=0)
         flat, loss, steps = self._optimise(data, np.arange(n), start, np.zeros(n, np.int32))
@@ -330,7 +385,7 @@ class Collector:
         return unflatten_neuron(jnp.asarray(flat), self.config.d_model, self.config.neuron_has_bias)
 
     def _hidden(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """[N, T, D] the residual stream entering the neuron layer, B rows per call."""
+        """[R, T, D] the residual stream entering the neuron layer of R rows, B per call."""
         batch, n = self.width, len(tokens)
         parts = []
         for b in range(0, n, batch):
@@ -340,9 +395,9 @@ class Collector:
         return np.concatenate(parts)
 
     def _optimise(self, data: dict, rows, start, start_steps, limit: int | None = None):
-        """Fits edits `rows` (indices into `data`) from flat neurons start[R, P] at step counts
-        start_steps[R] up to `limit` updates (default `steps`); returns (flat [R, P], final
-        loss [R], updates taken [R])."""
+        """Fits edits `rows` (indices into `data`, whose arrays are [N, K, ...]: K sequences per
+        edit) from flat neurons start[R, P] at step counts start_steps[R] up to `limit` updates
+        (default `steps`); returns (flat [R, P], final loss [R], updates taken [R])."""
         cfg, config = self.cfg, self.config
         limit = cfg.steps if limit is None else limit
         bias = config.neuron_has_bias
@@ -376,7 +431,8 @@ class Collector:
                 break
             held = rows[np.maximum(slot, 0)]
             keys = ("hidden", "mask", "index", "targets", "weights")
-            inputs, placed = self._place(([data[k][held] for k in keys], state))
+            sequences = [data[k][held].reshape(-1, *data[k].shape[2:]) for k in keys]
+            inputs, placed = self._place((sequences, state))
             state = fit_steps(
                 config,
                 self.params,
@@ -389,6 +445,7 @@ class Collector:
                 num_steps=cfg.check_every,
                 early_stop=cfg.early_stop,
                 full_head=cfg.full_head,
+                contexts=data["mask"].shape[1],
             )
             self.stats["calls"] += 1
             self.stats["steps"] += cfg.check_every

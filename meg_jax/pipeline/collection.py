@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 
 from meg_jax.collect.bank import WeightBank, load_bank, save_bank
-from meg_jax.collect.stage import Collector, EditToFit, collect_bank
+from meg_jax.collect.stage import CollectConfig, Collector, EditToFit, collect_bank
 from meg_jax.data.records import EditRecord
 from meg_jax.data.templates import PromptTemplate
 from meg_jax.evaluation.metrics import answer_ag_correct
@@ -19,17 +19,30 @@ from meg_jax.pipeline.context import RunContext
 from meg_jax.pipeline.edits import EditSet
 
 
-def edits_to_fit(records: list[EditRecord], template: PromptTemplate) -> list[EditToFit]:
-    """What collection fits, keyed by the records' dataset ids so banks match across runs."""
+def edits_to_fit(
+    records: list[EditRecord], template: PromptTemplate, contexts: tuple[str, ...] = ()
+) -> list[EditToFit]:
+    """What collection fits, keyed by the records' dataset ids so banks match across runs; each
+    of `contexts` goes before the prompt as a sentence of its own, inside the template."""
     return [
         EditToFit(
             r.id,
             template.format_query(r.prompt),
             template.format_answer(r.target_new),
             r.target_new,
+            tuple(template.format_query(f"{c.rstrip(' .')}. {r.prompt}") for c in contexts),
         )
         for r in records
     ]
+
+
+def fit_settings(fit: CollectConfig) -> dict:
+    """The fit settings the stage's identity records: the context settings only when contexts
+    are on, so banks collected before they existed keep their identity."""
+    settings = dataclasses.asdict(fit)
+    if not fit.context_seeds:
+        del settings["context_seeds"], settings["context_tokens"]
+    return settings
 
 
 def bank_rows(ids: list[int], bank: WeightBank, source: str) -> WeightBank:
@@ -44,7 +57,7 @@ def bank_rows(ids: list[int], bank: WeightBank, source: str) -> WeightBank:
 def run_collect_stage(ctx: RunContext, edits: EditSet) -> tuple[WeightBank, str]:
     """(the bank, rows in edit order; the stage's lineage id)."""
     cfg = ctx.cfg.collect
-    fit = dataclasses.asdict(cfg.fit)
+    fit = fit_settings(cfg.fit)
     given = file_digest(cfg.bank)[:16] if cfg.bank else ""
     inputs = StageInputs(
         config={"fit": fit, "bank": given, "template": ctx.cfg.host.template},
@@ -58,6 +71,7 @@ def run_collect_stage(ctx: RunContext, edits: EditSet) -> tuple[WeightBank, str]
         stage.report(_figure(bank))
         return bank, inputs.lineage
     stage.start()
+    summary: dict = {}
     if cfg.bank:
         bank = bank_rows(edits.ids, load_bank(cfg.bank), cfg.bank)
     else:
@@ -73,11 +87,16 @@ def run_collect_stage(ctx: RunContext, edits: EditSet) -> tuple[WeightBank, str]
         collector = Collector(
             host.config, host.params, host.tokenizer, cfg.fit, success, mesh=ctx.mesh
         )
-        new = collect_bank(collector, edits_to_fit(todo, template), stage.run_dir / "bank.npz")
+        contexts = collector.contexts()
+        if contexts:
+            summary["contexts"] = list(contexts)
+        to_fit = edits_to_fit(todo, template, contexts)
+        new = collect_bank(collector, to_fit, stage.run_dir / "bank.npz")
         union = new if done is None else WeightBank.concatenate([done, new])
         bank = bank_rows(edits.ids, union, str(out))
     save_bank(bank, out)
-    stage.finish({"edits": len(bank), "fitted": int(bank.fitted.sum())}, _figure(bank))
+    summary.update(edits=len(bank), fitted=int(bank.fitted.sum()))
+    stage.finish(summary, _figure(bank))
     return bank, inputs.lineage
 
 
