@@ -15,7 +15,11 @@ the Llama form is a linear unit; with a true reset per edit the reference's Llam
 fits nothing. Collection uses the fast recipe of bench/collection.py (Adam, lr 0.1, up to 50
 steps, each edit stopped once its answer is the argmax with loss below 0.2); `:fit=nsgd` fits
 with normalised SGD instead (a bank the generator fits better, a lower Score: see
-`CollectConfig.fast`), in its own work directory.
+`CollectConfig.fast`), in its own work directory. `:ctx=K` (1 to 5) fits each edit also behind K
+texts the host writes from MEMIT's context seeds ("The", "Therefore", ...;
+`CollectConfig.context_seeds`), so its neuron states the fact after unrelated text too, as
+CounterFact's paraphrase prompts begin; about K + 1 times the collection work, its own work
+directory.
 
 The prompt form is `smollm2_qa` (two-shot Q/A), chosen by the share of EMPTY pre-edit answers of
 the unedited model (bench/templates.py, first 256 records, greedy, 20 tokens, cut at a newline):

@@ -145,7 +145,8 @@ class RouterStageConfig:
     # initialisation (the router a from-scratch run trains). True: continue from its trained
     # weights for `extend_epochs` epochs over the union, a third of the default training's cost
     # but it routes fewer paraphrases (bench/results/router_extension.json: 5.2 points fewer
-    # over 4 seeds; the Score 4.4 lower in incremental.json's first run).
+    # over 4 seeds). Adding 64 edits to 256 scored 4.4 below training the 320 from scratch with
+    # the warm router, 1.8 below with the retrained one (bench/incremental.py, README).
     extend_warm: bool = False
     extend_epochs: int = 100
     retrain: bool = False
