@@ -114,7 +114,9 @@ def _under(name: str, prefixes: Sequence[str]) -> bool:
 
 def _compatible(stage: str, donor_cfg: dict, cfg: dict) -> bool:
     include, exclude = STAGE_READS[stage]
-    mine, theirs = _leaves(cfg), _leaves(donor_cfg)
+    # Compared as the donor's config.json holds it: JSON has lists where the dataclasses have
+    # tuples (e.g. `collect.fit.context_seeds`).
+    mine, theirs = _leaves(json.loads(json.dumps(cfg))), _leaves(donor_cfg)
     for name in set(mine) | set(theirs):
         if _under(name, include) and not _under(name, exclude):
             if mine.get(name, "<absent>") != theirs.get(name, "<absent>"):
