@@ -19,7 +19,11 @@ with normalised SGD instead (a bank the generator fits better, a lower Score: se
 texts the host writes from MEMIT's context seeds ("The", "Therefore", ...;
 `CollectConfig.context_seeds`), so its neuron states the fact after unrelated text too, as
 CounterFact's paraphrase prompts begin; about K + 1 times the collection work, its own work
-directory.
+directory. `:gate=nearest` routes by the cosine distance to the nearest memorised query instead
+of the familiarity network (`meg_jax.router.nearest`, README "Router kinds"); `:cn=S` trains the
+generator on conditions jittered by noise of norm about S (`DiTConfig.cond_noise`), so a
+neighbourhood of each edit's condition, where its paraphrases land, maps to its neuron. Each has
+its own work directory (`_nearest`, `_cn<S>`).
 
 The prompt form is `smollm2_qa` (two-shot Q/A), chosen by the share of EMPTY pre-edit answers of
 the unedited model (bench/templates.py, first 256 records, greedy, 20 tokens, cut at a newline):
@@ -50,8 +54,8 @@ CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    v = parse_arg(arg, n=256, smoke=False, da=0.0, fit="adam", ctx=0)
-    smoke, da = v.smoke, float(v.da)  # a bare `:da` reads as 1.0
+    v = parse_arg(arg, n=256, smoke=False, da=0.0, fit="adam", ctx=0, gate="familiarity", cn=0.0)
+    smoke, da, cn = v.smoke, float(v.da), float(v.cn)  # a bare `:da` reads as 1.0
     if v.fit not in FITS:
         raise ValueError(f"configs/smollm2_cf.py: fit={v.fit!r}; expected one of {sorted(FITS)}")
     if not 0 <= v.ctx <= len(CONTEXT_SEEDS):
@@ -61,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/smollm2_cf" + ("_smoke" if smoke else "") + (f"_da{da:g}" if da else "")
     c.workdir += ("" if v.fit == "adam" else f"_{v.fit}") + (f"_ctx{v.ctx}" if v.ctx else "")
+    c.workdir += ("" if v.gate == "familiarity" else f"_{v.gate}") + (f"_cn{cn:g}" if cn else "")
     c.seed = 0
     c.evaluate = True  # the main job ends with the evaluation table
     c.host = dict(
@@ -81,13 +86,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_steps=20 if smoke else 300, eval_every=10 if smoke else 50, batch_size=128
         ),
     )
-    c.router = dict(train=dict(num_epochs=60 if smoke else 300, batch_size=256))
+    c.router = dict(kind=v.gate, train=dict(num_epochs=60 if smoke else 300, batch_size=256))
     fit = CollectConfig.fast(chunk_size=64, context_seeds=CONTEXT_SEEDS[: v.ctx], **FITS[v.fit])
     c.collect = dict(fit=dataclasses.asdict(fit))
-    c.generator = dict(preset="fast", zero_augmentation=da)
+    c.generator = dict(preset="fast", zero_augmentation=da, overrides={})
+    if cn:
+        c.generator.overrides.dit = dict(cond_noise=cn)
     if smoke:
-        c.generator.overrides = dict(
-            train=dict(num_steps=300, eval_every=150, checkpoint_every=150)
-        )
+        c.generator.overrides.train = dict(num_steps=300, eval_every=150, checkpoint_every=150)
     c.evaluation = dict(batch_size=32, tf_mode="reference")
     return c

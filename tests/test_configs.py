@@ -145,6 +145,19 @@ def test_main_job_ctx_variant_fits_behind_contexts_in_its_own_workdir():
         load_config(["--config", _spec("smollm2", "cf", "ctx=6")])
 
 
+def test_main_job_gate_and_condition_noise_variants_in_their_own_workdir():
+    default, _ = load_config(["--config", _spec("smollm2", "cf")])
+    both, _ = load_config(["--config", _spec("smollm2", "cf", "gate=nearest,cn=0.5")])
+    assert default.router.kind == "familiarity" and default.generator.build().dit.cond_noise == 0
+    assert both.router.kind == "nearest" and both.generator.build().dit.cond_noise == 0.5
+    assert both.workdir == default.workdir + "_nearest_cn0.5"
+    smoke, _ = load_config(["--config", _spec("smollm2", "cf", "smoke,cn=0.3")])
+    assert smoke.generator.build().dit.cond_noise == 0.3
+    assert smoke.generator.build().train.num_steps == 300  # the smoke budget is kept
+    with pytest.raises(ConfigError, match="router.kind: expected one of"):
+        load_config(["--config", _spec("smollm2", "cf", "gate=knn")])
+
+
 def test_tiny_without_a_model_says_where_to_put_one(monkeypatch):
     monkeypatch.delenv("MEG_JAX_TINY_HOSTS", raising=False)
     with pytest.raises(ConfigError, match=r"host=PATH.*\$MEG_JAX_TINY_HOSTS.*llama3/"):

@@ -12,6 +12,7 @@ from meg_jax.diffusion.dit import DiT1D, sincos_positions
 
 TINY = dataclasses.replace(DIT_PRESETS["tiny"], patch_size=16, depth=1)  # 70 values: 5 tokens
 B, P = 3, 70
+KEY = jax.random.key(3)
 
 
 def _inputs(width):
@@ -104,6 +105,31 @@ def test_condition_dropout_only_in_training(tiny):
     ]
     assert np.abs(train[0] - eval_out).max() > 1e-3
     assert np.abs(train[0] - train[1]).max() > 1e-3
+
+
+def test_condition_noise_only_in_training_and_sized_by_cond_noise(tiny):
+    _, params, inputs = tiny
+    no_dropout = dataclasses.replace(TINY, cond_dropout=0.0)
+    clean = _Jitted(no_dropout).apply({"params": params}, *inputs)
+
+    def train_out(noise, key=KEY):
+        model = _Jitted(dataclasses.replace(no_dropout, cond_noise=noise))
+        eval_out = model.apply({"params": params}, *inputs)
+        np.testing.assert_array_equal(eval_out, clean)  # sampling never sees the noise
+        return model.apply({"params": params}, *inputs, train=True, rngs={"dropout": key})
+
+    np.testing.assert_allclose(train_out(1e-6), clean, atol=1e-5)
+    moved = [np.abs(train_out(noise) - clean).max() for noise in (0.05, 0.5)]
+    assert 1e-4 < moved[0] < moved[1]
+    assert np.abs(train_out(0.5) - train_out(0.5, jax.random.key(1))).max() > 1e-4
+    # The step is a direction change only: a 5x longer condition gets the same noisy output.
+    x, t, cond = inputs
+    noisy = _Jitted(dataclasses.replace(no_dropout, cond_noise=0.5))
+    np.testing.assert_allclose(
+        noisy.apply({"params": params}, x, t, 5 * cond, train=True, rngs={"dropout": KEY}),
+        train_out(0.5),
+        atol=1e-5,
+    )
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_outputs(tiny):

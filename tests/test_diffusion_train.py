@@ -179,3 +179,43 @@ def test_bank_preparation_and_batch_order():
     assert sorted(seen) == list(range(10))  # a shuffled epoch covers every row once
     again = batch_rows(10, 4, 4, 1, True, 3)
     np.testing.assert_array_equal(again[0], batch_rows(10, 4, 4, 1, True, 3)[0])
+
+
+def test_condition_noise_gives_a_neighbourhood_of_each_condition_its_neuron(tmp_path):
+    """Trained on exact conditions, the generator drifts off at a nearby condition (a
+    paraphrase); trained with condition noise it gives the nearby condition the same neuron."""
+    rng = np.random.default_rng(1)
+    rows, length, width = 16, 96, 16
+    cond = rng.normal(size=(rows, width)).astype(np.float32)
+    weights = (0.3 * np.tanh(rng.normal(size=(rows, length)))).astype(np.float32)  # no pattern
+    unit = cond / np.linalg.norm(cond, axis=1, keepdims=True)
+    step = rng.normal(size=cond.shape)
+    step *= 0.3 / np.linalg.norm(step, axis=1, keepdims=True)
+    nearby = (unit + step).astype(np.float32)  # 0.3 away; the rows are about 1.4 apart
+    sampler = {"kind": "ddim", "steps": 20}
+    errors = {}
+    for noise in (0.0, 0.5):
+        overrides = {
+            "dit": {"cond_dropout": 0.0, "cond_noise": noise},
+            "optim": {"learning_rate": 1e-2, "warmup_steps": 50},
+            "train": {
+                "num_steps": 400,
+                "ema_decay": 0.0,
+                "eval_every": 400,
+                "log_every": 400,
+                "checkpoint_every": 400,
+                "stop_threshold": 0.0,
+                "criterion_sampler": sampler,
+            },
+            "sampler": sampler,
+        }
+        config = generator_config(overrides, preset="fast", dit_preset="tiny")
+        state = train_generator(weights, cond, config, tmp_path / str(noise)).state
+        at = {
+            name: l2_criterion(np.asarray(generate(state, c, jax.random.key(0), config)), weights)
+            for name, c in (("exact", cond), ("nearby", nearby))
+        }
+        errors[noise] = {name: record["l2_mean"] for name, record in at.items()}
+    print(errors)
+    assert errors[0.5]["exact"] < 0.5 and errors[0.0]["exact"] < 0.5  # both memorise the bank
+    assert errors[0.5]["nearby"] < 0.5 * errors[0.0]["nearby"]

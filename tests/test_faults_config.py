@@ -15,6 +15,7 @@ from meg_jax.diffusion.config import generator_config
 from meg_jax.encoder.train import InfoNCEConfig
 from meg_jax.evaluation.evaluator import EvalConfig
 from meg_jax.models.config import LMConfig
+from meg_jax.pipeline.config import RouterStageConfig
 from meg_jax.router.calibrate import CalibrationConfig
 from meg_jax.router.train import RouterTrainConfig
 
@@ -69,6 +70,8 @@ def test_a_bad_override_is_the_callers_error_not_the_checkpoints(tmp_path):
         ({"dit": {"depth": 0}}, "dit.depth: expected an integer >= 1"),
         ({"sampler": {"eta": -1.0}}, "sampler.eta"),
         ({"sampler": {"steps": 2000}}, "sampler.steps: expected at most diffusion.num_timesteps"),
+        ({"dit": {"cond_noise": -0.5}}, "dit.cond_noise: expected a finite number >= 0"),
+        ({"dit": {"cond_noise": math.nan}}, "dit.cond_noise: expected a finite"),
     ],
 )
 def test_generator_config_values(overrides, words):
@@ -82,6 +85,20 @@ def test_generator_preset_names():
         generator_config(preset="bogus")
     with pytest.raises(ValueError, match=r"unknown DiT preset 'bogus'"):
         generator_config(dit_preset="bogus")
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"kind": "bogus"}, "config.router.kind: expected one of ('familiarity', 'nearest')"),
+        ({"nearest_threshold": 3.0}, "config.router.nearest_threshold: expected a cosine"),
+        ({"nearest_threshold": math.nan}, "config.router.nearest_threshold"),
+    ],
+)
+def test_router_stage_config(changes, words):
+    with pytest.raises(ValueError) as info:
+        RouterStageConfig(**changes)
+    assert words in str(info.value)
 
 
 @pytest.mark.parametrize(

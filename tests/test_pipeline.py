@@ -10,6 +10,7 @@ checked on the real SmolLM2 in test_collect.py.
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,6 +28,7 @@ from meg_jax.pipeline import pipeline_config, run
 from meg_jax.pipeline.collection import edits_to_fit, fit_settings
 from meg_jax.pipeline.context import StageNotReady
 from meg_jax.router.gate import load_router
+from meg_jax.router.nearest import NearestGate
 
 N_EDITS = 6
 N_BANK = 9  # the given bank covers the edits of the extension too
@@ -208,6 +210,41 @@ def test_a_warm_router_extension_continues_from_the_trained_router(
     epochs = bigger.router.extend_epochs  # one step per epoch: the batch holds every query
     assert steps[-1] == epochs and len(record.inputs.items) == N_EDITS + 2
     assert not _leaves_equal(_router(tmp_path), before)
+
+
+def test_a_nearest_gate_routes_the_run_and_extends_as_from_scratch(
+    shared_data, tiny_host, given_bank, tmp_path
+):
+    cfg = _config(shared_data, tiny_host, given_bank, tmp_path, router__kind="nearest")
+    _train_through_router(cfg)
+    gate = load_router(tmp_path / "router", make_mesh())
+    record = _records(tmp_path, "router")
+    assert isinstance(gate, NearestGate) and record.summary["calibrated"]
+    assert gate.threshold == record.summary["threshold"]
+    assert record.inputs.config["kind"] == "nearest" and "train" not in record.inputs.config
+    # More edits: the gate on the union, as a run on the union from scratch builds it.
+    changes = {"data__n_edits": N_EDITS + 2}
+    bigger = _config(
+        shared_data, tiny_host, given_bank, tmp_path, router__kind="nearest", **changes
+    )
+    summaries = run(bigger)
+    scratch = _config(
+        shared_data, tiny_host, given_bank, tmp_path / "scratch", router__kind="nearest", **changes
+    )
+    _train_through_router(scratch)
+    grown, fresh = (
+        load_router(w / "router", make_mesh()) for w in (tmp_path, tmp_path / "scratch")
+    )
+    np.testing.assert_array_equal(np.asarray(grown.memory), np.asarray(fresh.memory))
+    assert grown.threshold == fresh.threshold
+    routing = summaries["meg"]["routing"]
+    assert routing["rel"]["routed"] == 1.0  # every edit prompt is memorised: distance 0
+
+
+def test_the_familiarity_router_keeps_its_identity_from_before_gate_kinds(trained):
+    cfg, _ = trained
+    config = _records(Path(cfg.workdir), "router").inputs.config
+    assert "kind" not in config and "nearest_threshold" not in config and "train" in config
 
 
 def _train_through_router(cfg) -> None:

@@ -6,6 +6,7 @@ records what it is handed and returns a blank generator), so they check the stag
 seconds; one test trains a tiny DiT for real on a synthetic bank, with and without DA.
 """
 
+import dataclasses
 import hashlib
 import json
 
@@ -211,6 +212,23 @@ def test_fingerprint_includes_the_ratio_and_the_pseudo_file(shared_data, tmp_pat
     other = inputs(1.0, pseudo=str(shared_data / "counterfact" / "counterfact-edit.json"))
     assert other.fingerprint != one.fingerprint
     assert inputs(0.0, pseudo="").fingerprint == off.fingerprint  # unused pseudo file: no matter
+
+
+def test_condition_noise_enters_the_generator_identity_only_when_on(shared_data, tmp_path):
+    edits = _edits(shared_data, 4)
+
+    def inputs(**dit):
+        ctx = _context(shared_data, tmp_path, 0.0, n_edits=4)
+        g = ctx.cfg.generator
+        overrides = {**g.overrides, "dit": dit}
+        cfg = dataclasses.replace(ctx.cfg, generator=dataclasses.replace(g, overrides=overrides))
+        return generator_stage.generator_inputs(RunContext.create(cfg), edits, {"collect": "c"})
+
+    off, zero, on = inputs(), inputs(cond_noise=0.0), inputs(cond_noise=0.3)
+    assert "cond_noise" not in off.config["generator"]["dit"]  # earlier runs keep their identity
+    assert zero.fingerprint == off.fingerprint and zero.lineage == off.lineage
+    assert on.config["generator"]["dit"]["cond_noise"] == 0.3
+    assert on.fingerprint != off.fingerprint and on.lineage != off.lineage
 
 
 # ---------------------------------------------------------------- a generator trained with DA

@@ -61,6 +61,10 @@ class DiTConfig:
     # embedding's, and the network is slow to learn to tell conditions apart; sqrt(E) gives them
     # unit scale.
     cond_scale: float = 1.0
+    # Training only: Gaussian noise of expected L2 length `cond_noise` added to the unit
+    # condition before it is renormalised (0: off, the reference). Paraphrases lie about 0.3
+    # from their edit's condition and edits about 1.1 from each other (CounterFact-256, MiniLM).
+    cond_noise: float = 0.0
     compute_dtype: str = "float32"  # "float32" | "bfloat16"; parameters stay float32
 
     def __post_init__(self):
@@ -75,6 +79,7 @@ class DiTConfig:
         _at_least("dit", self, 1, "patch_size", "hidden", "depth", "heads", "frequency_dim")
         _number("dit", self, "mlp_ratio", 0.0, open_low=True)
         _number("dit", self, "cond_scale", 0.0, open_low=True)
+        _number("dit", self, "cond_noise", 0.0)
 
 
 DIT_PRESETS: dict[str, DiTConfig] = {

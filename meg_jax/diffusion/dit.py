@@ -172,6 +172,13 @@ class DiT1D(nn.Module):
         x = x + jnp.asarray(sincos_positions(tokens, cfg.hidden), dtype)[None]
 
         cond = cond.astype(jnp.float32)
+        if train and cfg.cond_noise > 0:
+            # A random step of about `cond_noise` from the unit condition: the generator learns
+            # to give a neighbourhood of each training query its neuron, so a paraphrase (a
+            # nearby condition that training never showed) gets that neuron too.
+            noise = jax.random.normal(self.make_rng("dropout"), cond.shape, jnp.float32)
+            unit = cond / jnp.maximum(jnp.linalg.norm(cond, axis=-1, keepdims=True), 1e-12)
+            cond = unit + noise * (cfg.cond_noise / math.sqrt(cond.shape[-1]))
         norm = jnp.maximum(jnp.linalg.norm(cond, axis=-1, keepdims=True), 1e-12)
         cond = cond * (cfg.cond_scale / norm)
         if cond.shape[-1] != cfg.hidden:

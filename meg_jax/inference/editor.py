@@ -3,9 +3,10 @@
 Axes: Q queries, E encoder width, P flat neuron length, D host model width.
 
 For each query (METHOD.md §4.5):
-  1. the router reads the InfoNCE-tuned [CLS] of the *raw* query (not normalised) and computes
-     the familiarity entropy; at or above the threshold the query is unrelated and gets the
-     all-zero neuron, which is exactly the unedited model;
+  1. the router reads the InfoNCE-tuned [CLS] of the *raw* query (not normalised) and scores it
+     (the familiarity entropy, or with a nearest-query gate the distance to the nearest edit
+     query); at or above the threshold the query is unrelated and gets the all-zero neuron,
+     which is exactly the unedited model;
   2. otherwise the generator samples the neuron from the L2-normalised [CLS] of the *templated*
      query, with noise named by the query's text, and it is unflattened into the host's layout.
 Only routed queries are sent to the diffusion sampler, so unrelated traffic costs no sampling.
@@ -24,7 +25,7 @@ from meg_jax.diffusion.config import GeneratorConfig
 from meg_jax.diffusion.generate import generate
 from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.models.neuron import Neuron, unflatten_neuron
-from meg_jax.router.gate import Router
+from meg_jax.router.gate import Gate
 
 # Any function from raw queries to one neuron per query; the all-zero neuron is "no edit".
 Editor = Callable[[Sequence[str]], Neuron]
@@ -45,7 +46,7 @@ class MeGEditor:
 
     router_encoder: TextEncoder  # raw queries, not normalised
     condition_encoder: TextEncoder  # templated queries (the generator normalises them)
-    router: Router | None  # None: every query gets a generated neuron ("w/o FN" ablation)
+    router: Gate | None  # None: every query gets a generated neuron ("w/o FN" ablation)
     generator_params: object
     generator_config: GeneratorConfig
     d_model: int

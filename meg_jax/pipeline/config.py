@@ -138,6 +138,11 @@ class EncoderStageConfig:
 @dataclasses.dataclass(frozen=True)
 class RouterStageConfig:
     enabled: bool = True  # False: every query gets a generated neuron (the "w/o FN" ablation)
+    # "familiarity": MeG's Familiarity Network and its entropy (`router.gate`). "nearest": the
+    # cosine distance to the nearest memorised query (`router.nearest`), nothing trained;
+    # `nearest_threshold` is its threshold when it is not calibrated.
+    kind: str = "familiarity"
+    nearest_threshold: float = 0.1
     calibrate: bool = True  # pick the threshold on held-out pseudo-edits; else train.threshold
     train: RouterTrainConfig = RouterTrainConfig()
     calibration: CalibrationConfig = CalibrationConfig()
@@ -153,6 +158,14 @@ class RouterStageConfig:
 
     def __post_init__(self):
         _require(self.extend_epochs >= 1, "router.extend_epochs", ">= 1", self.extend_epochs)
+        kinds = ("familiarity", "nearest")
+        _require(self.kind in kinds, "router.kind", f"one of {kinds}", self.kind)
+        _require(
+            0.0 <= self.nearest_threshold <= 2.0,
+            "router.nearest_threshold",
+            "a cosine distance in [0, 2]",
+            self.nearest_threshold,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,12 +41,15 @@ log = logging.getLogger("meg_jax.pipeline")
 def generator_inputs(ctx: RunContext, edits: EditSet, lineages: dict) -> StageInputs:
     """The generator stage's recorded inputs (what its fingerprint and lineage hash).
 
-    Zero-weight augmentation enters only when on, so runs without it keep the identity they had
-    before the setting existed; when on, with the pseudo-edits' identity and the calibration
-    tail the zero queries are chosen around.
+    Zero-weight augmentation and condition noise enter only when on, so runs without them keep
+    the identity they had before the settings existed; augmentation with the pseudo-edits'
+    identity and the calibration tail the zero queries are chosen around.
     """
     g = ctx.cfg.generator
-    config = {"generator": dataclasses.asdict(g.build()), "template": ctx.template.query}
+    generator = dataclasses.asdict(g.build())
+    if not generator["dit"]["cond_noise"]:
+        del generator["dit"]["cond_noise"]
+    config = {"generator": generator, "template": ctx.template.query}
     if g.zero_augmentation > 0:
         config["zero_augmentation"] = {
             "ratio": float(g.zero_augmentation),

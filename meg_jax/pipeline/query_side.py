@@ -5,7 +5,8 @@ edits: adding facts never retrains it. The router memorises the edit queries (ra
 encoder) plus held-out pseudo-edits whose paraphrases and neighbourhood prompts calibrate its
 threshold. Adding edits retrains it on the union from its seeded initialisation (what a
 from-scratch run trains), or with `router.extend_warm` continues from the trained router for
-`router.extend_epochs`; either way it is then recalibrated.
+`router.extend_epochs`; either way it is then recalibrated. `router.kind = "nearest"` memorises
+the same queries in a nearest-query gate instead (`router.nearest`), calibrated the same way.
 """
 
 import dataclasses
@@ -19,10 +20,11 @@ from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs
 from meg_jax.encoder.text_encoder import TextEncoder, load_top_layers, save_top_layers
 from meg_jax.encoder.train import train_infonce
 from meg_jax.infra.fingerprint import StageInputs
-from meg_jax.pipeline.context import RunContext
+from meg_jax.pipeline.context import RunContext, StageRun
 from meg_jax.pipeline.edits import EditSet, read_edit_records, read_records, source_id
 from meg_jax.router.calibrate import calibrate, write_calibration
-from meg_jax.router.gate import load_router, save_router
+from meg_jax.router.gate import Router, load_router, save_router
+from meg_jax.router.nearest import NearestGate
 from meg_jax.router.train import train_router
 
 # Bump when the pseudo-edit split's rule changes: the encoder and router then retrain.
@@ -149,11 +151,15 @@ def _encoder_figure(summary: dict) -> str:
 
 
 def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, encoder_lineage: str):
-    """The trained, calibrated router (None when `router.enabled` is False) and its lineage."""
+    """The calibrated gate (None when `router.enabled` is False) and its lineage."""
     cfg = ctx.cfg
     rc = dataclasses.asdict(cfg.router)
     for key in ("retrain", "extend_warm", "extend_epochs"):
         rc.pop(key)
+    if cfg.router.kind == "familiarity":  # its identity from before gate kinds existed
+        rc.pop("kind"), rc.pop("nearest_threshold")
+    else:  # nothing is trained
+        rc.pop("train")
     inputs = StageInputs(
         config={**rc, "pseudo": _pseudo_id(ctx), "n_calibration": cfg.data.n_calibration},
         upstream={"encoder": encoder_lineage},
@@ -171,22 +177,34 @@ def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, enco
     # end reached by a large n_edits): checked when the router trains, i.e. before collection.
     check_disjoint(edits.records, [*pool, *calibration], _by_subject(ctx))
     conditions = router_queries(encoder, calibration, edits.records)
-    train_cfg, init, run_dir = cfg.router.train, None, stage.run_dir
-    if stage.verdict == "extend" and cfg.router.extend_warm:
-        init = load_router(stage.folder, ctx.mesh).params
-        train_cfg = dataclasses.replace(train_cfg, num_epochs=cfg.router.extend_epochs)
-        run_dir = run_dir / "warm"  # never resumed as, nor from, a retraining of the same union
-    router = train_router(conditions, train_cfg, run_dir, mesh=ctx.mesh, init_params=init)
+    if cfg.router.kind == "nearest":  # added edits: rebuilt on the union, as from scratch
+        router = NearestGate.build(conditions, cfg.router.nearest_threshold, ctx.mesh)
+    else:
+        router = _train_familiarity(ctx, stage, conditions)
     summary: dict = {"threshold": router.threshold, "calibrated": False}
     if calibration:
-        pos, neg = (router.entropy(x) for x in calibration_queries(encoder, calibration))
+        pos, neg = (router.score(x) for x in calibration_queries(encoder, calibration))
         report = calibrate(pos, neg, cfg.router.calibration)
         write_calibration(report, stage.folder / "calibration.json", stage.folder / "roc.png")
         router = router.with_threshold(report["threshold"])
         summary = {"threshold": report["threshold"], "auc": report["auc"], "calibrated": True}
-    save_router(router, stage.folder)
+    if isinstance(router, NearestGate):
+        router.save(stage.folder)
+    else:
+        save_router(router, stage.folder)
     stage.finish(summary, _router_figure(summary))
     return router, inputs.lineage
+
+
+def _train_familiarity(ctx: RunContext, stage: StageRun, conditions: np.ndarray) -> Router:
+    """The Familiarity Network on `conditions`: trained from its seeded initialisation, or
+    (`router.extend_warm`, edits added) continued from the trained one."""
+    train_cfg, init, run_dir = ctx.cfg.router.train, None, stage.run_dir
+    if stage.verdict == "extend" and ctx.cfg.router.extend_warm:
+        init = load_router(stage.folder, ctx.mesh).params
+        train_cfg = dataclasses.replace(train_cfg, num_epochs=ctx.cfg.router.extend_epochs)
+        run_dir = run_dir / "warm"  # never resumed as, nor from, a retraining of the same union
+    return train_router(conditions, train_cfg, run_dir, mesh=ctx.mesh, init_params=init)
 
 
 def _router_figure(summary: dict) -> str:

@@ -3,6 +3,8 @@
 Public API:
     RouterTrainConfig, train_router(conditions, config, workdir, mesh=None) -> Router
     Router.entropy(conditions) -> [N], Router.route(conditions) -> bool [N]  (H < threshold)
+    NearestGate.build(conditions, threshold, mesh): the nearest-query gate (`router.kind`);
+    Gate = Router | NearestGate, both with score(conditions) -> [N] and route(conditions)
     restore_router(workdir, config, width, mesh=None) -> Router
     familiarity_entropy(config, params, conditions) -> [B]    the pure jitted core
     CalibrationConfig, calibrate(positive, negative, config, report_sets) -> dict
@@ -17,7 +19,8 @@ from meg_jax.router.calibrate import (
     roc_curve,
     write_calibration,
 )
-from meg_jax.router.gate import Router
+from meg_jax.router.gate import Gate, Router
+from meg_jax.router.nearest import NearestGate
 from meg_jax.router.network import (
     FamiliarityConfig,
     FamiliarityNet,
@@ -30,6 +33,8 @@ __all__ = [
     "CalibrationConfig",
     "FamiliarityConfig",
     "FamiliarityNet",
+    "Gate",
+    "NearestGate",
     "Router",
     "RouterTrainConfig",
     "calibrate",

@@ -4,7 +4,8 @@ Axes: N queries, E encoder width.
 
 `Router` is what inference and evaluation use; training (`meg_jax.router.train`) produces one.
 `save_router` / `load_router` keep it as `router.json` (network shape, threshold) and
-`router.msgpack` (parameters): the artefact, apart from the training checkpoints.
+`router.msgpack` (parameters): the artefact, apart from the training checkpoints. `load_router`
+also reads the other kind of gate, `nearest.NearestGate`; `Gate` is either.
 """
 
 import dataclasses
@@ -19,6 +20,8 @@ from jax.sharding import Mesh
 from meg_jax.infra.distributed import device_put_global, gather_to_host
 from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
 from meg_jax.infra.sharding import replicated, shard_batch
+from meg_jax.router.nearest import KIND as NEAREST
+from meg_jax.router.nearest import NearestGate
 from meg_jax.router.network import FamiliarityConfig, familiarity_entropy
 
 
@@ -46,6 +49,10 @@ class Router:
             entropy = familiarity_entropy(self.config, self.params, shard_batch(self.mesh, part))
             out.append(gather_to_host(entropy))
         return np.concatenate(out)[: len(x)] if out else np.zeros((0,), np.float32)
+
+    def score(self, conditions: np.ndarray) -> np.ndarray:
+        """[N] what the threshold is compared with: here the entropy."""
+        return self.entropy(conditions)
 
     def route(self, conditions: np.ndarray) -> np.ndarray:
         """bool [N]: entropy below the threshold, i.e. an edited (or paraphrased) query."""
@@ -76,17 +83,26 @@ def save_router(router: Router, folder: str | Path) -> None:
     )
 
 
-def load_router(folder: str | Path, mesh: Mesh) -> Router:
-    """The router written by `save_router`, its parameters replicated over `mesh`."""
+def load_router(folder: str | Path, mesh: Mesh) -> "Gate":
+    """The gate `save_router` (or `NearestGate.save`) wrote, replicated over `mesh`. A
+    router.json without a "kind" is a familiarity network's (written before kinds existed)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / "router.json").read_text(encoding="utf-8"))
-        params = serialization.msgpack_restore((folder / "router.msgpack").read_bytes())
-        config = FamiliarityConfig(**meta["network"])
-        threshold, batch_size = float(meta["threshold"]), int(meta["batch_size"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        nearest = meta.get("kind", "familiarity") == NEAREST
+        if not nearest:
+            params = serialization.msgpack_restore((folder / "router.msgpack").read_bytes())
+            config = FamiliarityConfig(**meta["network"])
+            threshold, batch_size = float(meta["threshold"]), int(meta["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(
             f"{folder}: no readable router ({type(err).__name__}: {err}); rerun the router stage "
             "(--config.stage=router)"
         ) from None
+    if nearest:
+        return NearestGate.load(folder, meta, mesh)
     return Router(config, device_put_global(params, replicated(mesh)), threshold, mesh, batch_size)
+
+
+# What inference routes with: the familiarity network's entropy or the nearest-query distance.
+Gate = Router | NearestGate
