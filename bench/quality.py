@@ -14,7 +14,9 @@ each configuration:
      `--config.KEY=VALUE` of the pipeline; `--best --config.x=y` reads the same). Not run while
      no `--best` is given.
 `--variant c=da=1.0` sets a configuration's variant string, `--override a:KEY=VALUE` adds an
-override to any configuration.
+override to any configuration. `--variant NAME=VARIANT` with another NAME (say `c2`) declares a
+further candidate configuration, run when `--configs` names it: alternatives for (c) measured
+side by side; `score_best` stays configuration c's.
 
 Every cell runs its config once per seed (`meg_jax.pipeline.seeds.run_seeds`: `<cell>/seed-<s>`)
 and reports mean, sample standard deviation (ddof=1, the paper's ±), min and max over the seeds
@@ -114,9 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ns.n = [int(x) for x in (ns.n or ("4" if ns.smoke else "256,1024")).split(",") if x]
     ns.seeds = [int(x) for x in (ns.seeds or ("0,1" if ns.smoke else "0,1,2")).split(",") if x]
     ns.configs = [c for c in (ns.configs or ("a,b" if ns.smoke else "a,b,c")).split(",") if c]
-    unknown = [c for c in ns.configs if c not in VARIANTS]
+    named = {*VARIANTS, *(v.partition("=")[0] for v in ns.variant)}
+    unknown = [c for c in ns.configs if c not in named]
     if unknown:
-        p.error(f"--configs: unknown {unknown}; expected some of {sorted(VARIANTS)}")
+        p.error(f"--configs: unknown {unknown}; expected some of {sorted(named)} (--variant)")
     ns.workdir = Path(ns.workdir or REPO / "runs" / ("bench_quality" + "_smoke" * ns.smoke))
     return ns
 
@@ -126,9 +129,9 @@ def configurations(args) -> dict[str, dict]:
     out = {name: {"variant": VARIANTS[name], "overrides": []} for name in VARIANTS}
     for item in args.variant:
         name, _, variant = item.partition("=")
-        if name not in out:
-            raise SystemExit(f"error: --variant {item!r}: expected NAME=VARIANT, NAME in a,b,c")
-        out[name]["variant"] = variant
+        if not name.isidentifier():
+            raise SystemExit(f"error: --variant {item!r}: expected NAME=VARIANT")
+        out[name] = {"variant": variant, "overrides": []}
     for item in args.override:
         name, _, pair = item.partition(":")
         if name not in out:
