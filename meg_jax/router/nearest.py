@@ -9,11 +9,11 @@ its cosine distance to the nearest of them, and it is routed below the threshold
 calibrated on the pseudo-edits exactly like the entropy's (`calibrate.py`). Nothing is trained:
 adding edits appends rows, and the gate then equals one built on the union from scratch.
 
-Why: on CounterFact-256 with the main job's tuned MiniLM, this distance separates the edits'
-paraphrases from their neighbourhood prompts with an ROC AUC of 0.986, against 0.856 for the
-familiarity entropy. In the main job with `:ctx=2` it routes 93.8% of the paraphrases and 2.7%
-of the neighbourhood prompts, where the entropy gate routes 80.5% and 21.5%, and the Score goes
-from 73.4 to 80.6 (bench/results/quality.json, default_ctx2.json; README "Router kinds").
+Why: with the main job's tuned MiniLM, paraphrases lie much closer to their own edit's query
+than neighbourhood prompts lie to any edit's. In the main job with `:ctx=2` it routes 93.8% of
+the CounterFact-256 paraphrases and 2.7% of the neighbourhood prompts, where the entropy gate
+routes 80.5% and 21.5%, and the Score goes from 73.4 to 80.6 (bench/results/quality.json,
+default_ctx2.json; README "Router kinds").
 """
 
 import dataclasses
