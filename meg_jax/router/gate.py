@@ -17,9 +17,10 @@ import numpy as np
 from flax import serialization
 from jax.sharding import Mesh
 
-from meg_jax.infra.distributed import device_put_global, gather_to_host
+from meg_jax.infra.distributed import device_put_global
 from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
-from meg_jax.infra.sharding import replicated, shard_batch
+from meg_jax.infra.sharding import replicated
+from meg_jax.router.batches import scores_in_full_batches
 from meg_jax.router.nearest import KIND as NEAREST
 from meg_jax.router.nearest import NearestGate
 from meg_jax.router.network import FamiliarityConfig, familiarity_entropy
@@ -37,18 +38,13 @@ class Router:
 
     def entropy(self, conditions: np.ndarray) -> np.ndarray:
         """H [N] for conditions[N, E] (raw-query [CLS] vectors), in fixed-size batches."""
-        x = np.asarray(conditions, np.float32)
-        if x.ndim != 2 or x.shape[1] != self.config.width:
-            raise ValueError(f"conditions of shape {x.shape}; expected [N, {self.config.width}]")
-        # Always full batches: a query's entropy (so its routing) is computed by one program,
-        # whatever else shares the call.
-        rows = padded_rows(self.batch_size, self.mesh)
-        out = []
-        for start in range(0, len(x), rows):
-            part = x[np.arange(start, start + rows) % len(x)]  # wrap: one shape, no empty rows
-            entropy = familiarity_entropy(self.config, self.params, shard_batch(self.mesh, part))
-            out.append(gather_to_host(entropy))
-        return np.concatenate(out)[: len(x)] if out else np.zeros((0,), np.float32)
+        return scores_in_full_batches(
+            lambda part: familiarity_entropy(self.config, self.params, part),
+            conditions,
+            self.config.width,
+            self.batch_size,
+            self.mesh,
+        )
 
     def score(self, conditions: np.ndarray) -> np.ndarray:
         """[N] what the threshold is compared with: here the entropy."""
@@ -60,11 +56,6 @@ class Router:
 
     def with_threshold(self, threshold: float) -> "Router":
         return dataclasses.replace(self, threshold=float(threshold))
-
-
-def padded_rows(batch: int, mesh: Mesh) -> int:
-    data = mesh.shape["data"]
-    return -(-batch // data) * data
 
 
 def save_router(router: Router, folder: str | Path) -> None:

@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 
 from meg_jax.infra.distributed import device_put_global, gather_to_host
 from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
-from meg_jax.infra.sharding import replicated, shard_batch
+from meg_jax.infra.sharding import replicated
+from meg_jax.router.batches import scores_in_full_batches
 
 KIND = "nearest"
 MEMORY_FILE = "nearest.npy"
@@ -76,17 +77,13 @@ class NearestGate:
 
     def score(self, conditions: np.ndarray) -> np.ndarray:
         """[N] distance to the nearest memorised query, for conditions [N, E] (raw-query [CLS])."""
-        x = np.asarray(conditions, np.float32)
-        width = self.memory.shape[1]
-        if x.ndim != 2 or x.shape[1] != width:
-            raise ValueError(f"conditions of shape {x.shape}; expected [N, {width}]")
-        rows = -(-self.batch_size // self.mesh.shape["data"]) * self.mesh.shape["data"]
-        out = []
-        for start in range(0, len(x), rows):
-            # Full batches only (one compiled shape): the last one wraps around.
-            part = x[np.arange(start, start + rows) % len(x)]
-            out.append(gather_to_host(nearest_distance(self.memory, shard_batch(self.mesh, part))))
-        return np.concatenate(out)[: len(x)] if out else np.zeros((0,), np.float32)
+        return scores_in_full_batches(
+            lambda part: nearest_distance(self.memory, part),
+            conditions,
+            self.memory.shape[1],
+            self.batch_size,
+            self.mesh,
+        )
 
     def route(self, conditions: np.ndarray) -> np.ndarray:
         """bool [N]: closer than the threshold to a memorised query."""

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from meg_jax.infra import runs
 from meg_jax.infra.distributed import device_put_global
 from meg_jax.infra.sharding import make_mesh, replicated, shard_batch
-from meg_jax.router.gate import Router, padded_rows
+from meg_jax.router.batches import padded_rows
+from meg_jax.router.gate import Router
 from meg_jax.router.network import FamiliarityConfig, FamiliarityNet
 
 
