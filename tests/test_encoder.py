@@ -15,6 +15,7 @@ from meg_jax.data.readers import read_edits
 from meg_jax.encoder.infonce import (
     info_nce_loss,
     pseudo_edit_pairs,
+    retrieval_loss,
     retrieval_sets,
     retrieval_top1,
     split_pairs,
@@ -158,6 +159,37 @@ def test_training_is_deterministic_and_resumes_exactly(tiny, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert {x["event"] for x in lines} == {"eval", "train"}
     assert all(np.isfinite(x["loss"]) for x in lines if x["event"] == "train")
+
+
+def test_selection_on_validation_loss_keeps_the_lowest_loss_checkpoint(tiny, tmp_path):
+    root, pairs = tiny
+    encoder = TextEncoder.from_pretrained(root / "bert", n_top_layers=1, batch_size=16)
+    by_loss = dataclasses.replace(TINY_CONFIG, num_steps=9, select="val_loss")
+    result = train_infonce(encoder, pairs[:48], pairs[48:], by_loss, tmp_path / "loss")
+    losses = {h["step"]: h["val_loss"] for h in result.history}
+    assert len(set(losses.values())) == len(losses)  # the loss moves with every checkpoint
+    assert result.best_step == min(losses, key=losses.get)
+    assert result.best_val_loss == pytest.approx(losses[result.best_step], rel=1e-6)
+    assert result.best_val_top1 == next(
+        h["val_top1"] for h in result.history if h["step"] == result.best_step
+    )
+    with pytest.raises(ValueError, match="encoder.infonce.select"):
+        InfoNCEConfig(select="val_top5")
+
+
+def test_retrieval_loss_is_cross_entropy_over_the_gallery():
+    rng = np.random.default_rng(0)
+    queries, gallery = rng.normal(size=(5, 8)), rng.normal(size=(7, 8))
+    targets = np.array([0, 3, 3, 6, 1])
+    q = queries / np.linalg.norm(queries, axis=-1, keepdims=True)
+    g = gallery / np.linalg.norm(gallery, axis=-1, keepdims=True)
+    logits = torch.from_numpy(q @ g.T / 0.05)
+    expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(targets)).item()
+    assert retrieval_loss(queries, gallery, targets, 0.05) == pytest.approx(expected, rel=1e-9)
+    # Every cosine equal: the loss of a uniform guess, log M, whatever the temperature.
+    assert retrieval_loss(np.ones((3, 4)), np.ones((7, 4)), np.zeros(3, int), 0.1) == (
+        pytest.approx(np.log(7))
+    )
 
 
 @pytest.mark.slow

@@ -58,6 +58,25 @@ def retrieval_top1(
     return hits / max(len(q), 1)
 
 
+def retrieval_loss(
+    queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray, temperature: float
+) -> float:
+    """Mean cross-entropy of each query[N, E]'s target row among all rows of gallery[M, E],
+    over cosines / temperature: InfoNCE with the whole gallery as negatives.
+
+    Unlike top-1 it keeps moving once every query already retrieves its target, by how far the
+    target's cosine stands above the others'.
+    """
+    q = np.asarray(queries, np.float64)
+    g = np.asarray(gallery, np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+    g = g / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
+    logits = q @ g.T / temperature  # [N, M]
+    top = logits.max(axis=-1)
+    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1))
+    return float(np.mean(lse - logits[np.arange(len(q)), np.asarray(targets)]))
+
+
 def retrieval_sets(pairs: Sequence[Pair]) -> tuple[list[str], list[str], np.ndarray]:
     """(distinct originals, paraphrases, index of each paraphrase's original) for retrieval.
 

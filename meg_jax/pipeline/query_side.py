@@ -108,6 +108,8 @@ def run_encoder_stage(ctx: RunContext) -> tuple[TextEncoder, str]:
     cfg, d = ctx.cfg, ctx.cfg.data
     enc = dataclasses.asdict(cfg.encoder)
     enc.pop("retrain")
+    if enc["infonce"]["select"] == "val_top1":  # its identity from before `select` existed
+        del enc["infonce"]["select"]
     inputs = StageInputs(
         config={
             **enc,
@@ -137,7 +139,12 @@ def run_encoder_stage(ctx: RunContext) -> tuple[TextEncoder, str]:
         result = train_infonce(encoder, train_pairs, val_pairs, infonce, stage.run_dir)
         encoder = encoder.with_top_layers(result.top_layers)
         save_top_layers(encoder, top_path)
-        summary = {"tuned": True, "best_step": result.best_step, "val_top1": result.best_val_top1}
+        summary = {
+            "tuned": True,
+            "best_step": result.best_step,
+            "val_top1": result.best_val_top1,
+            "val_loss": result.best_val_loss,
+        }
     else:
         top_path.unlink(missing_ok=True)
     stage.finish(summary, _encoder_figure(summary))
@@ -147,7 +154,8 @@ def run_encoder_stage(ctx: RunContext) -> tuple[TextEncoder, str]:
 def _encoder_figure(summary: dict) -> str:
     if not summary.get("tuned"):
         return "untuned (no pseudo-edits)"
-    return f"val top-1 {summary['val_top1']:.3f} at step {summary['best_step']}"
+    loss = f", loss {summary['val_loss']:.3f}" if "val_loss" in summary else ""
+    return f"val top-1 {summary['val_top1']:.3f}{loss} at step {summary['best_step']}"
 
 
 def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, encoder_lineage: str):
