@@ -169,6 +169,8 @@ def test_selection_on_validation_loss_keeps_the_lowest_loss_checkpoint(tiny, tmp
     losses = {h["step"]: h["val_loss"] for h in result.history}
     assert len(set(losses.values())) == len(losses)  # the loss moves with every checkpoint
     assert result.best_step == min(losses, key=losses.get)
+    top1 = {h["step"]: h["val_top1"] for h in result.history}
+    assert result.best_step != max(top1, key=top1.get)  # here top-1 would keep another step
     assert result.best_val_loss == pytest.approx(losses[result.best_step], rel=1e-6)
     assert result.best_val_top1 == next(
         h["val_top1"] for h in result.history if h["step"] == result.best_step

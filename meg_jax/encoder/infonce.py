@@ -33,6 +33,12 @@ def info_nce_loss(paraphrase: jnp.ndarray, original: jnp.ndarray, temperature: f
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - jnp.diagonal(logits))
 
 
+def _unit_rows(x: np.ndarray, dtype) -> np.ndarray:
+    """Rows of x[N, E] scaled to unit length, in `dtype` (an all-zero row stays zero)."""
+    x = np.asarray(x, dtype)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
 def retrieval_top1(
     queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray | None = None, chunk: int = 1024
 ) -> float:
@@ -49,8 +55,7 @@ def retrieval_top1(
     targets = np.asarray(targets)
     if targets.shape != (len(q),) or q.shape[1:] != g.shape[1:]:
         raise ValueError(f"queries {q.shape}, gallery {g.shape}, targets {targets.shape} disagree")
-    q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    g = g / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
+    q, g = _unit_rows(q, np.float32), _unit_rows(g, np.float32)
     hits = 0
     for start in range(0, len(q), chunk):
         sims = q[start : start + chunk] @ g.T  # [chunk, M]
@@ -67,10 +72,7 @@ def retrieval_loss(
     Unlike top-1 it keeps moving once every query already retrieves its target, by how far the
     target's cosine stands above the others'.
     """
-    q = np.asarray(queries, np.float64)
-    g = np.asarray(gallery, np.float64)
-    q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    g = g / np.maximum(np.linalg.norm(g, axis=-1, keepdims=True), 1e-12)
+    q, g = _unit_rows(queries, np.float64), _unit_rows(gallery, np.float64)
     logits = q @ g.T / temperature  # [N, M]
     top = logits.max(axis=-1)
     lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1))
