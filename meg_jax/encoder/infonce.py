@@ -21,6 +21,7 @@ import numpy as np
 
 from meg_jax.data.records import EditRecord
 from meg_jax.encoder.text_encoder import l2_normalize
+from meg_jax.infra.numeric import log_softmax_at
 
 Pair = tuple[str, str]  # (original, paraphrase)
 
@@ -73,10 +74,7 @@ def retrieval_loss(
     target's cosine stands above the others'.
     """
     q, g = _unit_rows(queries, np.float64), _unit_rows(gallery, np.float64)
-    logits = q @ g.T / temperature  # [N, M]
-    top = logits.max(axis=-1)
-    lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=-1))
-    return float(np.mean(lse - logits[np.arange(len(q)), np.asarray(targets)]))
+    return float(-np.mean(log_softmax_at(q @ g.T / temperature, targets)))  # logits [N, M]
 
 
 def retrieval_sets(pairs: Sequence[Pair]) -> tuple[list[str], list[str], np.ndarray]:

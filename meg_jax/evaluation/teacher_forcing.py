@@ -35,6 +35,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from meg_jax.evaluation.metrics import LogitsFn
+from meg_jax.infra.numeric import log_softmax_at
 from meg_jax.models.generate import pad_right
 
 _NO_TOKEN = -1
@@ -181,11 +182,7 @@ def target_logprobs(
 
     def read(row_logits: np.ndarray, index: int) -> np.ndarray:
         query = queries[index]
-        rows = _target_rows(row_logits, query).astype(np.float64)
-        peak = rows.max(axis=-1, keepdims=True)  # subtract the max so exp cannot overflow
-        log_norm = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=-1))
-        picked = rows[np.arange(len(query.target_ids)), list(query.target_ids)]
-        return picked - log_norm
+        return log_softmax_at(_target_rows(row_logits, query), list(query.target_ids))
 
     return _batched_logits(
         [q.input_ids for q in queries], logits_fn, pad_id, batch_size, multiple_of, read
