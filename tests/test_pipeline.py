@@ -22,7 +22,7 @@ from meg_jax.collect.bank import WeightBank, load_bank, save_bank
 from meg_jax.collect.stage import CollectConfig
 from meg_jax.data.readers import read_edits
 from meg_jax.data.templates import get_template
-from meg_jax.infra.fingerprint import StageInputsChanged, StageRecord
+from meg_jax.infra.fingerprint import StageInputsChanged, StageRecord, without_legacy
 from meg_jax.infra.sharding import make_mesh
 from meg_jax.pipeline import pipeline_config, run
 from meg_jax.pipeline.collection import edits_to_fit, fit_settings
@@ -290,6 +290,15 @@ def test_context_settings_enter_the_collection_identity_only_when_on():
     assert "context_seeds" not in off and "context_tokens" not in off
     on = fit_settings(CollectConfig.fast(context_seeds=("The",)))
     assert on["context_seeds"] == ("The",) and on["context_tokens"] == 10
+
+
+def test_settings_added_later_leave_the_identity_only_at_their_legacy_values():
+    settings = {"a": 1, "dit": {"noise": 0.0, "width": 8}, "seeds": (), "tokens": 10}
+    dropped = without_legacy(settings, {"dit.noise": 0, "seeds": []}, ("tokens",))
+    assert dropped == {"a": 1, "dit": {"width": 8}}  # 0 == 0.0 and () == [] in JSON form
+    assert settings["dit"] == {"noise": 0.0, "width": 8} and "tokens" in settings  # a copy
+    changed = {**settings, "seeds": ("The",)}
+    assert without_legacy(changed, {"dit.noise": 0, "seeds": []}, ("tokens",)) == changed
 
 
 def test_an_artefact_changed_behind_its_stage_is_evaluated_again(trained):

@@ -16,10 +16,11 @@ anything else raises `StageInputsChanged`, naming the stage, what changed and th
 Nothing here knows any stage; the pipeline decides what each stage's inputs are.
 """
 
+import copy
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +104,35 @@ class StageInputs:
 def items_of(ids: Sequence[int], contents: Sequence[Any]) -> tuple[tuple[int, str], ...]:
     """(id, short content hash) per item, in order."""
     return tuple((int(i), digest(c)[:16]) for i, c in zip(ids, contents, strict=True))
+
+
+def without_legacy(settings: dict, legacy: Mapping[str, Any], together: Sequence[str] = ()) -> dict:
+    """A stage's settings with the ones added after work directories existed left out while
+    they keep the behaviour from before, so those directories keep their identity.
+
+    `legacy` maps each added setting (a dotted path into the nested dicts) to the value that
+    reproduces the earlier behaviour. When every one holds its legacy value, they and the
+    `together` paths (settings that only mean something beside them) are dropped. Values compare
+    in JSON form (a tuple equals a list, 0 equals 0.0). `settings` itself is not changed.
+    """
+
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value, default=_json))
+
+    out = copy.deepcopy(settings)
+    if any(plain(_at(out, path)) != plain(value) for path, value in legacy.items()):
+        return out
+    for path in (*legacy, *together):
+        parent, _, leaf = path.rpartition(".")
+        del _at(out, parent)[leaf]
+    return out
+
+
+def _at(settings: dict, path: str) -> Any:
+    """The value at a dotted path ("" is `settings` itself)."""
+    for key in filter(None, path.split(".")):
+        settings = settings[key]
+    return settings
 
 
 class StageInputsChanged(RuntimeError):

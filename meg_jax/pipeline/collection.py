@@ -14,7 +14,7 @@ from meg_jax.collect.stage import CollectConfig, Collector, EditToFit, collect_b
 from meg_jax.data.records import EditRecord
 from meg_jax.data.templates import PromptTemplate
 from meg_jax.evaluation.metrics import answer_ag_correct
-from meg_jax.infra.fingerprint import StageInputs, file_digest
+from meg_jax.infra.fingerprint import StageInputs, file_digest, without_legacy
 from meg_jax.pipeline.context import RunContext
 from meg_jax.pipeline.edits import EditSet
 
@@ -39,10 +39,7 @@ def edits_to_fit(
 def fit_settings(fit: CollectConfig) -> dict:
     """The fit settings the stage's identity records: the context settings only when contexts
     are on, so banks collected before they existed keep their identity."""
-    settings = dataclasses.asdict(fit)
-    if not fit.context_seeds:
-        del settings["context_seeds"], settings["context_tokens"]
-    return settings
+    return without_legacy(dataclasses.asdict(fit), {"context_seeds": ()}, ("context_tokens",))
 
 
 def bank_rows(ids: list[int], bank: WeightBank, source: str) -> WeightBank:

@@ -30,7 +30,7 @@ from meg_jax.diffusion.generate import load_generator_params, save_generator
 from meg_jax.diffusion.train import train_generator
 from meg_jax.encoder.text_encoder import TextEncoder
 from meg_jax.infra.files import write_json_atomic
-from meg_jax.infra.fingerprint import StageInputs
+from meg_jax.infra.fingerprint import StageInputs, without_legacy
 from meg_jax.pipeline.context import RunContext
 from meg_jax.pipeline.edits import EditSet
 from meg_jax.pipeline.query_side import _pseudo_id, pseudo_records
@@ -46,9 +46,7 @@ def generator_inputs(ctx: RunContext, edits: EditSet, lineages: dict) -> StageIn
     identity and the calibration tail the zero queries are chosen around.
     """
     g = ctx.cfg.generator
-    generator = dataclasses.asdict(g.build())
-    if not generator["dit"]["cond_noise"]:
-        del generator["dit"]["cond_noise"]
+    generator = without_legacy(dataclasses.asdict(g.build()), {"dit.cond_noise": 0.0})
     config = {"generator": generator, "template": ctx.template.query}
     if g.zero_augmentation > 0:
         config["zero_augmentation"] = {

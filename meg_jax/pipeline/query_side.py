@@ -19,7 +19,7 @@ from meg_jax.data.sources import check_disjoint, pseudo_split
 from meg_jax.encoder.infonce import pseudo_edit_pairs, split_pairs
 from meg_jax.encoder.text_encoder import TextEncoder, load_top_layers, save_top_layers
 from meg_jax.encoder.train import train_infonce
-from meg_jax.infra.fingerprint import StageInputs
+from meg_jax.infra.fingerprint import StageInputs, without_legacy
 from meg_jax.pipeline.context import RunContext, StageRun
 from meg_jax.pipeline.edits import EditSet, read_edit_records, read_records, source_id
 from meg_jax.router.calibrate import calibrate, write_calibration
@@ -106,10 +106,8 @@ def _pseudo_id(ctx: RunContext) -> str:
 def run_encoder_stage(ctx: RunContext) -> tuple[TextEncoder, str]:
     """(the tuned encoder in the raw-query view, the stage's lineage id)."""
     cfg, d = ctx.cfg, ctx.cfg.data
-    enc = dataclasses.asdict(cfg.encoder)
+    enc = without_legacy(dataclasses.asdict(cfg.encoder), {"infonce.select": "val_top1"})
     enc.pop("retrain")
-    if enc["infonce"]["select"] == "val_top1":  # its identity from before `select` existed
-        del enc["infonce"]["select"]
     inputs = StageInputs(
         config={
             **enc,
@@ -164,9 +162,8 @@ def run_router_stage(ctx: RunContext, edits: EditSet, encoder: TextEncoder, enco
     rc = dataclasses.asdict(cfg.router)
     for key in ("retrain", "extend_warm", "extend_epochs"):
         rc.pop(key)
-    if cfg.router.kind == "familiarity":  # its identity from before gate kinds existed
-        rc.pop("kind"), rc.pop("nearest_threshold")
-    else:  # nothing is trained
+    rc = without_legacy(rc, {"kind": "familiarity"}, ("nearest_threshold",))
+    if cfg.router.kind != "familiarity":  # nothing is trained
         rc.pop("train")
     inputs = StageInputs(
         config={**rc, "pseudo": _pseudo_id(ctx), "n_calibration": cfg.data.n_calibration},
