@@ -161,16 +161,25 @@ def test_training_is_deterministic_and_resumes_exactly(tiny, tmp_path):
     assert all(np.isfinite(x["loss"]) for x in lines if x["event"] == "train")
 
 
-def test_selection_on_validation_loss_keeps_the_lowest_loss_checkpoint(tiny, tmp_path):
+def test_selection_keeps_the_lowest_loss_or_the_first_best_top1_checkpoint(tiny, tmp_path):
     root, pairs = tiny
     encoder = TextEncoder.from_pretrained(root / "bert", n_top_layers=1, batch_size=16)
-    by_loss = dataclasses.replace(TINY_CONFIG, num_steps=9, select="val_loss")
+    by_loss = dataclasses.replace(TINY_CONFIG, num_steps=9)
+    assert by_loss.select == "val_loss"  # the default
     result = train_infonce(encoder, pairs[:48], pairs[48:], by_loss, tmp_path / "loss")
     losses = {h["step"]: h["val_loss"] for h in result.history}
     assert len(set(losses.values())) == len(losses)  # the loss moves with every checkpoint
     assert result.best_step == min(losses, key=losses.get)
     top1 = {h["step"]: h["val_top1"] for h in result.history}
     assert result.best_step != max(top1, key=top1.get)  # here top-1 would keep another step
+    by_top1 = dataclasses.replace(by_loss, select="val_top1")
+    other = train_infonce(encoder, pairs[:48], pairs[48:], by_top1, tmp_path / "top1")
+
+    def readings(history):
+        return [(h["step"], h["val_top1"], h["val_loss"]) for h in history]
+
+    assert readings(other.history) == readings(result.history)  # the same training
+    assert other.best_step == max(top1, key=top1.get)  # the first of ties
     assert result.best_val_loss == pytest.approx(losses[result.best_step], rel=1e-6)
     assert result.best_val_top1 == next(
         h["val_top1"] for h in result.history if h["step"] == result.best_step
@@ -231,7 +240,8 @@ def test_encode_and_train_on_eight_fake_devices(tiny, tmp_path):
         config = dataclasses.replace(InfoNCEConfig(), **{_fields(TINY_CONFIG)!r})
         res = train_infonce(enc, pairs[:48], pairs[48:], config, {str(tmp_path / "eight")!r})
         assert len(res.top_layers["q"]["kernel"].sharding.device_set) == 8
-        np.savez({str(tmp_path / "eight.npz")!r}, vectors=vectors, **flatten_tree(res.top_layers))
+        layers = flatten_tree(res.top_layers)
+        np.savez({str(tmp_path / "eight.npz")!r}, vectors=vectors, step=res.best_step, **layers)
         try:
             TextEncoder.from_pretrained(bert, batch_size=12)
         except ValueError as err:
@@ -243,8 +253,15 @@ def test_encode_and_train_on_eight_fake_devices(tiny, tmp_path):
     eight = np.load(tmp_path / "eight.npz")
     want = encoder.encode([o for o, _ in pairs[TINY_TEXTS]])
     np.testing.assert_allclose(eight["vectors"], want, atol=1e-5)
-    for name, value in flatten_tree(reference.top_layers).items():
-        np.testing.assert_allclose(eight[name], value, atol=1e-5, err_msg=name)
+    assert int(eight["step"]) == reference.best_step > 0  # the same trained checkpoint kept
+    # Adam's normalised steps turn reduction-order differences of near-zero gradients into
+    # differences of up to a step's size in single weights, so the whole update is compared: the
+    # eight devices' update agrees with one device's to 1% of its length.
+    start = flatten_tree(encoder.params["top_layers"])
+    trained = flatten_tree(reference.top_layers)
+    update = np.concatenate([np.ravel(trained[k] - start[k]) for k in trained])
+    apart = np.concatenate([np.ravel(eight[k] - trained[k]) for k in trained])
+    assert np.linalg.norm(apart) < 0.01 * np.linalg.norm(update)
 
 
 def _fields(config) -> dict:
