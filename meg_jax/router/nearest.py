@@ -12,7 +12,7 @@ adding edits appends rows, and the gate then equals one built on the union from 
 Why: with the main job's tuned MiniLM, paraphrases lie much closer to their own edit's query
 than neighbourhood prompts lie to any edit's. In the main job with `:ctx=2` it routes 93.8% of
 the CounterFact-256 paraphrases and 2.7% of the neighbourhood prompts, where the entropy gate
-routes 80.5% and 21.5%, and the Score goes from 73.4 to 80.6 (bench/results/quality.json,
+routes 80.5% and 21.5%, and the Score goes from 73.4 to 80.6 (bench/results/quality_seed0_top1.json,
 default_ctx2.json; README "Router kinds").
 """
 
