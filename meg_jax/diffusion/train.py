@@ -15,6 +15,11 @@ torch.std) falls below `train.stop_threshold`. A callback sees each evaluation (
 the LLM's edit success with the sampled weights) and may return extra metrics to log; a returned
 `"halt": True` ends training there (e.g. a wall-clock budget), with a checkpoint.
 
+Before the first step the L2 floor that the DiT's head sets under this bank is logged with the
+`start` event (`head_floor`, mean + std; `capacity.py`), with a warning when it is not below the
+stopping threshold: a head narrower than its patch cannot emit part of the bank, however long
+it trains.
+
 Zero-weight augmentation (MeG's "DA", METHOD.md §4.4, Table 15): `zero_conditions` [M, E] are
 conditions of queries that must get the all-zero neuron (the unedited model). They are appended
 after the bank rows, each with the target x0 = normalize(0), i.e. exactly the zero neuron once
@@ -51,6 +56,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from meg_jax.diffusion.bank import batch_rows, padded_batch_size, prepare_bank
+from meg_jax.diffusion.capacity import head_floor
 from meg_jax.diffusion.config import GeneratorConfig
 from meg_jax.diffusion.generate import GeneratorParams, as_generator_params, generate
 from meg_jax.diffusion.normalization import (
@@ -194,8 +200,14 @@ def train_generator(
                 "optim.learning_rate or optim.grad_clip set"
             )
     metrics_log = JsonlLog(workdir / "metrics.jsonl")
+    floor = _warn_head_floor(config, norm, bank.weights, workdir)
     metrics_log.write(
-        event="start", step=start, rows=len(bank.rows), zero_rows=len(zeros), resumed=resumed
+        event="start",
+        step=start,
+        rows=len(bank.rows),
+        zero_rows=len(zeros),
+        resumed=resumed,
+        head_floor=floor,
     )
 
     step_fn = make_train_step(config, mesh)
@@ -264,6 +276,26 @@ def train_generator(
             break
     bar.close()
     return TrainResult(state, int(state.step), stopped, criterion, evaluations)
+
+
+def _warn_head_floor(config: GeneratorConfig, norm: NormStats, weights, workdir) -> float:
+    """The mean + std of the per-item L2 floor the DiT head sets under this bank
+    (`capacity.head_floor`; 0 when patch_size <= hidden), with a warning when it is not below
+    the stopping threshold: such a run cannot stop, however long it trains."""
+    dit, threshold = config.dit, config.train.stop_threshold
+    floor = l2_summary(head_floor(norm, weights, dit.patch_size, dit.hidden))["criterion"]
+    if floor >= threshold:
+        log.warning(
+            "%s: the DiT head emits at most %d directions per patch of %d values; this bank "
+            "lies partly outside them, an L2 floor of %.3f (mean + std) that no training "
+            "removes, at or above the stopping threshold %.3f: set dit.patch_size <= dit.hidden",
+            workdir,
+            dit.hidden,
+            dit.patch_size,
+            floor,
+            threshold,
+        )
+    return floor
 
 
 def _evaluate(state, bank, zeros, config, eval_rng, step, mesh, callback) -> dict[str, Any]:
