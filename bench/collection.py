@@ -231,6 +231,12 @@ def main():
         help="the bank the generator part trains on when the headline does not run",
     )
     parser.add_argument("--label", default="", help="a suffix of the generator part's key")
+    parser.add_argument(
+        "--generator-overrides",
+        type=json.loads,
+        default={},
+        help='JSON overrides of the fast preset, e.g. \'{"dit": {"cond_mlp": 2048}}\'',
+    )
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
     if unknown := set(parts) - set(PARTS):
@@ -268,7 +274,14 @@ def main():
         key += f"_{args.label}" if args.label else ""
         result[key] = {
             **generator_check(
-                bank, bank_records, config, params, tokenizer, template, args.generator_steps
+                bank,
+                bank_records,
+                config,
+                params,
+                tokenizer,
+                template,
+                args.generator_steps,
+                args.generator_overrides,
             ),
             "bank": args.bank,
             "load_average": os.getloadavg(),
@@ -412,11 +425,13 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def generator_check(bank, records, config, params, tokenizer, template, steps: int) -> dict:
-    """The generator (preset "fast", `steps` steps) trained on `bank`: its stopping criterion and
-    generated-weight success on the bank's fitted edits (SmolLM2 with the generated neuron
-    answers the target, greedy, exact match). bench/results/generator.json has the same recipe
-    on the shared reference bank (SGD, 50 steps) for comparison."""
+def generator_check(
+    bank, records, config, params, tokenizer, template, steps: int, overrides: dict
+) -> dict:
+    """The generator (preset "fast" with `overrides`, `steps` steps) trained on `bank`: its
+    stopping criterion and generated-weight success on the bank's fitted edits (SmolLM2 with the
+    generated neuron answers the target, greedy, exact match). bench/results/generator.json has
+    the same recipe on the shared reference bank (SGD, 50 steps) for comparison."""
     import tempfile
     from pathlib import Path
 
@@ -444,7 +459,7 @@ def generator_check(bank, records, config, params, tokenizer, template, steps: i
             "success": float(np.mean(answer_ag_correct(texts, targets, template.answer_cuts))),
         }
 
-    overrides = {
+    run = {
         "train": {
             "num_steps": steps,
             "eval_every": max(steps // 6, 1),
@@ -453,7 +468,8 @@ def generator_check(bank, records, config, params, tokenizer, template, steps: i
             "criterion_sampler": {"kind": "ddim", "steps": 50, "shared_noise": True},
         }
     }
-    cfg = generator_config(overrides, "fast")
+    merged = {**overrides, "train": {**overrides.get("train", {}), **run["train"]}}
+    cfg = generator_config(merged, "fast")
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = train_generator(
@@ -468,6 +484,7 @@ def generator_check(bank, records, config, params, tokenizer, template, steps: i
     last = result.evaluations[-1]
     return {
         "preset": "fast",
+        "overrides": overrides,
         "steps": steps,
         "fitted_edits": int(keep.sum()),
         "criterion": float(last["criterion"]),

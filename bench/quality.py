@@ -25,12 +25,13 @@ routing breakdown, and each run's wall time (`trained_s`: the stages this run co
 as their records hold them; adopted stages count nothing, a resumed stage only its last part).
 
 Resuming and sharing. Each cell's work directory is named by the cell and a hash of its config,
-so a changed configuration gets a new directory instead of a refused rerun. A finished cell's
-result is kept in `<workdir>/cells/` and read back without touching the pipeline; an interrupted
-cell continues from its stages' records. Stages that do not depend on the configuration's
-difference are adopted from earlier cells (`run_seeds(donors=...)`): the edit set and the bank
-for every configuration and seed (the 256-edit bank is extended to 1,024, not refitted), the
-encoder per seed across configurations and sizes.
+so a changed configuration (the generator preset's resolved settings included) gets a new
+directory instead of a refused rerun. A finished cell's result is kept in `<workdir>/cells/` and
+read back without touching the pipeline; an interrupted cell continues from its stages'
+records. Stages that do not depend on the configuration's difference are adopted from earlier
+cells (`run_seeds(donors=...)`): the edit set and the bank for every configuration and seed (the
+256-edit bank is extended to 1,024, not refitted), the encoder per seed across configurations
+and sizes.
 
 bench/results/quality.json: `score` (configuration a, CounterFact-1024, mean over seeds; null
 with `score_note` when that cell was not run), `score_best` (configuration c, the same),
@@ -166,7 +167,11 @@ def cell_config(args, base_file: str, dataset: str, n: int, name: str, setup: di
     argv = ["--config", spec, *[f"--config.{p}" for p in pairs]]
     cfg, _ = load_config(argv)
     cell = f"{dataset}-{n}-{name}"
-    key = digest({**dataclasses.asdict(cfg), "workdir": ""})[:8]
+    # The generator's settings as its preset resolves them: a changed preset is a new cell, not
+    # one read back from `cells/` (the pipeline's own stage identity holds them too).
+    resolved = {**dataclasses.asdict(cfg), "workdir": ""}
+    resolved["generator_settings"] = dataclasses.asdict(cfg.generator.build())
+    key = digest(resolved)[:8]
     workdir = args.workdir / f"{cell}-{key}"
     cfg = dataclasses.replace(cfg, workdir=str(workdir))
     return cfg, workdir, argv
