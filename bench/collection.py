@@ -235,7 +235,7 @@ def main():
         "--generator-overrides",
         type=json.loads,
         default={},
-        help='JSON overrides of the fast preset, e.g. \'{"dit": {"cond_mlp": 2048}}\'',
+        help='JSON overrides of the fast preset, e.g. \'{"train": {"batch_size": 0}}\'',
     )
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]

@@ -119,20 +119,3 @@ def test_generate_is_chunk_invariant_and_denormalises():
     assert abs(whole.mean() - 3.0) < 1.0  # raw space: centred on norm.center
     with pytest.raises(ValueError, match="width 5, the generator expects 8"):
         generate(gen, cond[:, :5], rng, config)
-
-
-def test_generate_reads_the_condition_width_of_a_condition_mlp():
-    config = generator_config(
-        {"dit": {"depth": 1, "cond_mlp": 16}, "sampler": {"kind": "ddim", "steps": 2}},
-        preset="fast",
-        dit_preset="tiny",
-    )
-    model = DiT1D(config.dit, config.diffusion.out_channels)
-    params = jax.jit(model.init)(
-        jax.random.key(0), jnp.zeros((1, P)), jnp.zeros((1,), jnp.int32), jnp.ones((1, 8))
-    )["params"]
-    gen = GeneratorParams(params, NormStats(jnp.zeros(P), jnp.ones(P), jnp.zeros(8)))
-    cond = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float32)
-    assert np.asarray(generate(gen, cond, jax.random.key(5), config)).shape == (3, P)
-    with pytest.raises(ValueError, match="width 16, the generator expects 8"):
-        generate(gen, np.ones((3, 16), np.float32), jax.random.key(5), config)

@@ -247,13 +247,6 @@ def test_the_familiarity_router_keeps_its_identity_from_before_gate_kinds(traine
     assert "kind" not in config and "nearest_threshold" not in config and "train" in config
 
 
-def test_a_generator_without_the_condition_mlp_keeps_its_identity_from_before_it(trained):
-    cfg, _ = trained
-    assert cfg.generator.build().dit.cond_mlp == 0
-    dit = _records(Path(cfg.workdir), "generator").inputs.config["generator"]["dit"]
-    assert "cond_mlp" not in dit and "patch_size" in dit
-
-
 def _train_through_router(cfg) -> None:
     """Runs the stages up to and including the router, one at a time."""
     for stage in ("edits", "encoder", "router"):

@@ -65,11 +65,6 @@ class DiTConfig:
     # condition before it is renormalised (0: off, the reference). Paraphrases lie about 0.3
     # from their edit's condition and edits about 1.1 from each other (CounterFact-256, MiniLM).
     cond_noise: float = 0.0
-    # Hidden units of a SiLU layer between the condition and c (0: one Linear, the reference).
-    # Every per-item signal reaches the blocks through c's D values and one SiLU before the
-    # modulations; a bank of N fitted neurons wants a map of the condition that can memorise N
-    # points, roughly N hidden units (bench/results/collection.json, `generator_1024_edits`).
-    cond_mlp: int = 0
     compute_dtype: str = "float32"  # "float32" | "bfloat16"; parameters stay float32
 
     def __post_init__(self):
@@ -85,7 +80,6 @@ class DiTConfig:
         _number("dit", self, "mlp_ratio", 0.0, open_low=True)
         _number("dit", self, "cond_scale", 0.0, open_low=True)
         _number("dit", self, "cond_noise", 0.0)
-        _at_least("dit", self, 0, "cond_mlp")
 
 
 DIT_PRESETS: dict[str, DiTConfig] = {

@@ -9,8 +9,7 @@ plus a fixed 1-D sin-cos position embedding; `depth` adaLN blocks; an adaLN fina
 Linear(D -> C * S); un-patch to [B, C, N * S] and crop to [B, C, P]. The conditioning vector is
 c = TimestepEmbedder(t) + proj(cond_scale * cond / |cond|), with dropout on c during training
 (reference: cond_scale 1, p = 0.2). `proj` is the identity when E == D, as in the reference
-(which adds the 768-d BERT vector straight onto the 768-wide c), else Linear(E -> D); with
-`cond_mlp` = M > 0 it is Linear(E -> M) -> SiLU -> Linear(M -> D).
+(which adds the 768-d BERT vector straight onto the 768-wide c).
 
 The reference's head is Linear(D -> C * D) followed by a shared Linear(D -> S) per channel, a
 product of two linear maps; we use the single Linear(D -> C * S) it composes to (same function
@@ -182,10 +181,7 @@ class DiT1D(nn.Module):
             cond = unit + noise * (cfg.cond_noise / math.sqrt(cond.shape[-1]))
         norm = jnp.maximum(jnp.linalg.norm(cond, axis=-1, keepdims=True), 1e-12)
         cond = cond * (cfg.cond_scale / norm)
-        if cfg.cond_mlp:
-            cond = _dense(cfg, cfg.cond_mlp, cond.shape[-1], name="cond_mlp")(cond)
-            cond = _dense(cfg, cfg.hidden, cfg.cond_mlp, name="cond_proj")(nn.silu(cond))
-        elif cond.shape[-1] != cfg.hidden:
+        if cond.shape[-1] != cfg.hidden:
             cond = _dense(cfg, cfg.hidden, cond.shape[-1], name="cond_proj")(cond)
         c = TimestepEmbedder(cfg, name="t_embed")(t) + cond.astype(dtype)  # [B, D]
         c = nn.Dropout(cfg.cond_dropout, deterministic=not train)(c)

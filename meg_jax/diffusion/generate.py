@@ -141,11 +141,9 @@ def generate(
 
 
 def _condition_width(params: Any, dit: DiTConfig) -> int:
-    """E the network was built for: the input width of its first condition layer (the condition
-    MLP's, else the projection's), or the hidden width without either."""
-    get = params.get if hasattr(params, "get") else lambda name: None
-    first = get("cond_mlp") or get("cond_proj")
-    return int(first["kernel"].shape[0]) if first is not None else dit.hidden
+    """E the network was built for: cond_proj's input width, or the hidden width without it."""
+    proj = params.get("cond_proj") if hasattr(params, "get") else None
+    return int(proj["kernel"].shape[0]) if proj is not None else dit.hidden
 
 
 def save_generator(params_or_state: GeneratorParams | TrainState, path: str | Path) -> None:

@@ -41,13 +41,12 @@ log = logging.getLogger("meg_jax.pipeline")
 def generator_inputs(ctx: RunContext, edits: EditSet, lineages: dict) -> StageInputs:
     """The generator stage's recorded inputs (what its fingerprint and lineage hash).
 
-    Zero-weight augmentation, condition noise and the condition MLP enter only when on, so runs
-    without them keep the identity they had before the settings existed; augmentation with the
-    pseudo-edits' identity and the calibration tail the zero queries are chosen around.
+    Zero-weight augmentation and condition noise enter only when on, so runs without them keep
+    the identity they had before the settings existed; augmentation with the pseudo-edits'
+    identity and the calibration tail the zero queries are chosen around.
     """
     g = ctx.cfg.generator
-    legacy = {"dit.cond_noise": 0.0, "dit.cond_mlp": 0}
-    generator = without_legacy(dataclasses.asdict(g.build()), legacy)
+    generator = without_legacy(dataclasses.asdict(g.build()), {"dit.cond_noise": 0.0})
     config = {"generator": generator, "template": ctx.template.query}
     if g.zero_augmentation > 0:
         config["zero_augmentation"] = {
