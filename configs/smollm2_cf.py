@@ -25,7 +25,8 @@ generator on conditions jittered by noise of norm about S (`DiTConfig.cond_noise
 neighbourhood of each edit's condition, where its paraphrases land, maps to its neuron. Each has
 its own work directory (`_nearest`, `_cn<S>`). The best configuration measured,
 `:ctx=2,gate=nearest,cn=0.5`, scores 86.3 ± 0.2 on CounterFact-256 against the default's
-69.9 ± 0.4 (bench/results/quality.json, three seeds).
+69.9 ± 0.4 (bench/results/quality_patch288.json, three seeds, with the generator's earlier
+288-value patches; the default with 192-value patches: 69.3 ± 2.4, bench/results/quality.json).
 
 The prompt form is `smollm2_qa` (two-shot Q/A), chosen by the share of EMPTY pre-edit answers of
 the unedited model (bench/templates.py, first 256 records, greedy, 20 tokens, cut at a newline):
