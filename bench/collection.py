@@ -459,17 +459,14 @@ def generator_check(
             "success": float(np.mean(answer_ag_correct(texts, targets, template.answer_cuts))),
         }
 
-    run = {
-        "train": {
-            "num_steps": steps,
-            "eval_every": max(steps // 6, 1),
-            "checkpoint_every": steps,
-            "stop_threshold": 0.0,
-            "criterion_sampler": {"kind": "ddim", "steps": 50, "shared_noise": True},
-        }
+    train = {
+        "num_steps": steps,
+        "eval_every": max(steps // 6, 1),
+        "checkpoint_every": steps,
+        "stop_threshold": 0.0,
+        "criterion_sampler": {"kind": "ddim", "steps": 50, "shared_noise": True},
     }
-    merged = {**overrides, "train": {**overrides.get("train", {}), **run["train"]}}
-    cfg = generator_config(merged, "fast")
+    cfg = generator_config({**overrides, "train": {**overrides.get("train", {}), **train}}, "fast")
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = train_generator(
