@@ -5,6 +5,10 @@ The PyTorch side reads keys with a forward hook on the MLP output projection and
 `output_hidden_states`, row by row without padding, so it shares no code with ours.
 """
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,7 +16,14 @@ from hf_tiny import VOCAB, tiny_llama
 from transformers import GPTJConfig, GPTJForCausalLM
 
 from meg_jax.baselines.alphaedit import AlphaEditConfig, alphaedit, null_space_projector
-from meg_jax.baselines.edited_host import EditRows, out_kernel
+from meg_jax.baselines.edited_host import (
+    EditRows,
+    out_kernel,
+    scored_logprobs,
+    stream_before,
+    suffix_logprobs,
+    suffix_rows,
+)
 from meg_jax.baselines.ft import FTConfig, fine_tune
 from meg_jax.baselines.memit import MemitConfig, TargetConfig, memit, optimize_targets
 from meg_jax.baselines.stats import accumulate
@@ -270,6 +281,55 @@ def test_ft_respects_the_linf_bound_and_lowers_the_loss(tmp_path):
         FTConfig(layer=1, lr=1e-2, steps=1, norm_constraint=10.0, batch_size=3),
     )
     assert loose["train_nll_last_epoch"] < first["train_nll_last_epoch"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+@pytest.mark.parametrize("neuron_layer", [0, 2])
+def test_suffix_logprobs_equal_the_whole_rows(tmp_path, arch, neuron_layer):
+    """Target fitting runs only the slots from the changed one on, against cached keys and
+    values of the earlier ones; log-probs and their gradient equal those of the whole rows with
+    the change added (every start layer, the neuron layer's segment split below, at or above)."""
+    _, config, params, _, _, _ = _setup(tmp_path, arch)
+    config = dataclasses.replace(config, neuron_layer=neuron_layer)
+    rng = np.random.default_rng(3)
+    shared = rng.integers(3, VOCAB, size=10).tolist()  # slots [0, 8) are cached
+    ids, pos, start = [], [], []
+    for length in (4, 7, 5):
+        prompt = shared + rng.integers(3, VOCAB, size=length).tolist()
+        ids.append(tuple(prompt + rng.integers(3, VOCAB, size=2).tolist()))
+        pos.append(int(rng.integers(len(shared), len(prompt))))
+        start.append(len(prompt))
+    rows = EditRows(tuple(ids), (0, 1, 2), tuple(pos), tuple(start))
+    tokens, mask = rows.padded(config.pad_token_id)
+    positions, labels, _ = rows.scored(tokens.shape[1])
+    add = jnp.asarray(rng.normal(size=(3, config.d_model)), jnp.float32)
+    for layer in range(config.n_layers):
+        h0 = stream_before(config, params, tokens, mask, layer)
+        onehot = jax.nn.one_hot(jnp.asarray(pos), tokens.shape[1])[..., None]
+
+        def whole(a, h0=h0, onehot=onehot, layer=layer):
+            lp, _ = scored_logprobs(
+                config,
+                params,
+                h0 + onehot * a[:, None],
+                mask,
+                layer,
+                jnp.asarray(positions),
+                jnp.asarray(labels),
+            )
+            return jnp.sum(lp), lp
+
+        suffix = suffix_rows(config, params, tokens, mask, np.asarray(pos), positions, layer)
+        assert int(suffix.split) == 8
+
+        def cut(a, suffix=suffix, layer=layer):
+            lp, _ = suffix_logprobs(config, params, suffix, a, jnp.asarray(labels), layer)
+            return jnp.sum(lp), lp
+
+        (_, want), grad_want = jax.value_and_grad(whole, has_aux=True)(add)
+        (_, got), grad_got = jax.value_and_grad(cut, has_aux=True)(add)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grad_got, grad_want, rtol=1e-4, atol=1e-6)
 
 
 def test_target_deltas_respect_the_clamp(tmp_path):

@@ -15,6 +15,7 @@ on the tiny random models of the parity tests, which have none.
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ import numpy as np
 
 from meg_jax.models.block import Attention
 from meg_jax.models.config import LMConfig
-from meg_jax.models.decoder import Decoder
+from meg_jax.models.decoder import Decoder, DecoderCache, default_positions, init_cache
 from meg_jax.models.generate import pad_right
 from meg_jax.models.layers import make_norm, mlp_activation
 
@@ -94,10 +95,6 @@ class EditRows:
 _ROW_FIELDS = dataclasses.fields(EditRows)
 
 
-def concat_rows(parts: Sequence[EditRows]) -> EditRows:
-    return EditRows(*(sum((getattr(p, f.name) for p in parts), ()) for f in _ROW_FIELDS))
-
-
 # ---- device computations ------------------------------------------------------------------------
 
 
@@ -166,6 +163,96 @@ def scored_logprobs(config: LMConfig, params, h, mask, start: int, positions, la
     """(log p(labels) [B, M], full log-probs [B, M, V]) from the stream entering layer `start`."""
     logits = Decoder(config).apply(
         {"params": params}, h, mask, start, positions, method=_scored_logits
+    )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], logp
+
+
+class SuffixRows(NamedTuple):
+    """Right-padded rows [R, T] whose residual stream entering layer `start` changes only at a
+    slot at or after `split` (P), with what the layers above need to run slots [P, T) alone:
+    causal attention lets no earlier slot see a later one, so the keys and values of slots
+    [0, P) stay those of the unedited model at every layer and are computed once (`cache`).
+    MEMIT's target fitting changes one slot per row, the subject's last token, which in
+    template prompts comes after a shared few-shot opening: fitting runs a third of the tokens.
+
+    h [R, T - P, D], mask [R, T], cache (every layer, T slots, [0, P) read), split: P (scalar),
+    at [R]: the changed slot - P, positions [R, M]: the scored slots - P.
+    """
+
+    h: jnp.ndarray
+    mask: jnp.ndarray
+    cache: DecoderCache
+    split: jnp.ndarray
+    at: jnp.ndarray
+    positions: jnp.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def kv_cache(config: LMConfig, params, ids, mask) -> DecoderCache:
+    """Every layer's keys and values [.., R, T, ...] of right-padded rows ids[R, T]."""
+    _, cache = Decoder(config).apply(
+        {"params": params},
+        ids,
+        init_cache(config, *ids.shape),
+        0,
+        mask.astype(bool),
+        default_positions(mask),
+        None,
+        True,  # last_only: the logits are not needed
+        method=Decoder.decode,
+    )
+    return cache
+
+
+def suffix_rows(config: LMConfig, params, ids, mask, pos, positions, start: int) -> SuffixRows:
+    """`SuffixRows` of rows ids[R, T] (numpy, right-padded) whose stream entering layer `start`
+    will change at slots pos[R] (numpy) and is scored at positions[R, M] (numpy, >= pos). P is
+    the smallest pos rounded down to a multiple of PAD_MULTIPLE (fewer compiled widths)."""
+    split = int(np.min(pos)) // PAD_MULTIPLE * PAD_MULTIPLE
+    h = stream_before(config, params, ids, mask, start)[:, split:]
+    return SuffixRows(
+        h,
+        jnp.asarray(mask),
+        kv_cache(config, params, ids, mask),
+        jnp.asarray(split, jnp.int32),
+        jnp.asarray(np.asarray(pos) - split, jnp.int32),
+        jnp.asarray(np.asarray(positions) - split, jnp.int32),
+    )
+
+
+def _cache_from(config: LMConfig, cache: DecoderCache, start: int) -> DecoderCache:
+    """The segments of a full cache that `Decoder._layers(.., start, L, ..)` scans: each
+    (below, at, above the neuron layer) cut to its layers at or above `start`."""
+    k = config.neuron_layer
+    below, at, above = cache
+    cut = lambda c, n: jax.tree.map(lambda x: x[n:], c)  # noqa: E731
+    return (
+        cut(below, min(start, k)),
+        cut(at, 1 if start > k else 0),
+        cut(above, max(start - k - 1, 0)),
+    )
+
+
+def _suffix_scored_logits(module: Decoder, rows: SuffixRows, add, start: int):
+    """Logits [R, M, V] at rows.positions after adding add[R, D] to the stream at slot rows.at
+    and running layers [start, L) on slots [P, T) against the cached earlier slots."""
+    cfg = module.config
+    width = rows.h.shape[1]
+    h = rows.h + jax.nn.one_hot(rows.at, width, dtype=rows.h.dtype)[..., None] * add[:, None]
+    slots = jax.lax.dynamic_slice_in_dim(default_positions(rows.mask), rows.split, width, 1)
+    cache = _cache_from(cfg, rows.cache, start)
+    h, _ = module._layers(
+        h, start, cfg.n_layers, slots, rows.mask.astype(bool), None, cache, rows.split
+    )
+    return module._head(jnp.take_along_axis(h, rows.positions[..., None], axis=1))
+
+
+def suffix_logprobs(config: LMConfig, params, rows: SuffixRows, add, labels, start: int):
+    """(log p(labels) [R, M], full log-probs [R, M, V]) of `rows` with add[R, D] added at their
+    changed slot, from layer `start` on (what `scored_logprobs` gives on the whole rows)."""
+    logits = Decoder(config).apply(
+        {"params": params}, rows, add, start, method=_suffix_scored_logits
     )
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0], logp

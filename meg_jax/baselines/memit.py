@@ -9,7 +9,8 @@ M target tokens, V vocabulary.
    `"{subject} is a"` against the unedited model (kl_factor), a decay `||delta|| / ||h||^2`
    (weight_decay) and a norm clamp ||delta|| <= clamp_norm_factor * ||h||. z = h + delta.
    The stream below L does not depend on delta, so it is computed once; each step runs only the
-   layers above L and the head at the target positions.
+   layers above L, on the slots from the subject on (the earlier ones' keys and values cached,
+   `edited_host.SuffixRows`), and the head at the target positions.
 2. The update (`apply_updates`), for each edited layer l in increasing order, with the model as
    edited so far:
        K [E, F]  keys at l (mean over context prefixes),  R = (z - h_L) / (layers left)
@@ -30,14 +31,13 @@ from tqdm.auto import tqdm
 
 from meg_jax.baselines.edited_host import (
     EditRows,
-    concat_rows,
     gather_rows,
     mean_keys,
     out_kernel,
     residual_at,
     row_batches,
-    scored_logprobs,
-    stream_before,
+    suffix_logprobs,
+    suffix_rows,
     with_out_kernels,
 )
 from meg_jax.models.config import LMConfig
@@ -66,24 +66,29 @@ class MemitConfig:
     targets: TargetConfig = TargetConfig()
 
 
-def _target_loss(config: LMConfig, start: int, params, delta, batch, hp):
-    """MEMIT's objective for a chunk; `batch` holds the stream leaving layer start - 1 and the
-    rows' bookkeeping (see `optimize_targets`)."""
-    h0, mask, pos, owner, positions, labels, weights, is_kl, ref_logp, h_norm = batch
-    onehot = jax.nn.one_hot(pos, h0.shape[1], dtype=h0.dtype)  # [R, T]
-    h = h0 + onehot[..., None] * delta[owner][:, None, :]
-    label_logp, logp = scored_logprobs(config, params, h, mask, start, positions, labels)
+def _target_loss(config: LMConfig, start: int, params, delta, scored, kl, hp):
+    """MEMIT's objective for a chunk of edits, summed over them, and each edit's target NLL.
+
+    `scored`: (SuffixRows, owner [R], labels [R, M], weights [R, M]); `kl`: (SuffixRows of the
+    `"{subject} is a"` rows, one per edit in order, log-probs [E, V] of the unedited model's next
+    token after them) or None.
+    """
+    rows, owner, labels, weights = scored
+    n = delta.shape[0]
+    label_logp, _ = suffix_logprobs(config, params, rows, delta[owner], labels, start)
     per_row = -jnp.sum(label_logp * weights, axis=-1)  # [R]: mean NLL of each row's target
-    scored = (~is_kl).astype(jnp.float32)
-    n_rows = jax.ops.segment_sum(scored, owner, delta.shape[0])
-    nll = jax.ops.segment_sum(per_row * scored, owner, delta.shape[0]) / jnp.maximum(n_rows, 1)
-    # KL(current || unedited) of the next token after "{subject} is a" (its last position).
-    cur = logp[:, 0]
-    kl_row = jnp.sum(jnp.exp(cur) * (cur - ref_logp), axis=-1) * is_kl
-    kl = jax.ops.segment_sum(kl_row, owner, delta.shape[0])
+    count = jax.ops.segment_sum(jnp.ones_like(per_row), owner, n)
+    nll = jax.ops.segment_sum(per_row, owner, n) / jnp.maximum(count, 1)
     # sqrt(|d|^2 + eps): the plain norm has a NaN gradient at delta = 0, where fitting starts.
-    decay = jnp.sqrt(jnp.sum(delta * delta, axis=-1) + 1e-12) / h_norm**2
-    per_edit = nll + hp["kl_factor"] * kl + hp["weight_decay"] * decay
+    decay = jnp.sqrt(jnp.sum(delta * delta, axis=-1) + 1e-12) / hp["h_norm"] ** 2
+    per_edit = nll + hp["weight_decay"] * decay
+    if kl is not None:  # KL(current || unedited) of the next token after "{subject} is a"
+        kl_rows, ref_logp = kl
+        _, logp = suffix_logprobs(
+            config, params, kl_rows, delta, jnp.zeros_like(kl_rows.positions), start
+        )
+        cur = logp[:, 0]
+        per_edit = per_edit + hp["kl_factor"] * jnp.sum(jnp.exp(cur) * (cur - ref_logp), axis=-1)
     return jnp.sum(per_edit), nll
 
 
@@ -104,55 +109,52 @@ def optimize_targets(
     """Target values z [E, D] (float64) at the output of `layer`, and fitting statistics.
 
     `rows`: every edit's scored rows, edit-major with the bare prompt first per edit; `kl`: one
-    unscored `"{subject} is a"` row per edit, or None to drop the KL term.
+    unscored `"{subject} is a"` row per edit, or None to drop the KL term. Each step runs the
+    layers above `layer` on the slots from the subjects on only (`SuffixRows`).
     """
     zs = np.zeros((n_edits, config.d_model))
     final_nll = np.zeros(n_edits)
-    hp = {"kl_factor": cfg.kl_factor, "weight_decay": cfg.weight_decay}
     owners = np.asarray(rows.owner)
+    start = layer + 1
     for edits in tqdm(list(row_batches(n_edits, cfg.chunk_size)), desc="targets", leave=False):
         local = {e: i for i, e in enumerate(edits)}
-        picked = [r for r in range(len(rows)) if owners[r] in local]
-        part = rows.select(picked)
-        if kl is not None and cfg.kl_factor:
-            part = concat_rows([part, kl.select(edits)])
-        n_scored = len(picked)
-        part = dataclasses.replace(part, owner=tuple(local[o] for o in part.owner))
+        part = rows.select([r for r in range(len(rows)) if owners[r] in local])
+        owner = np.asarray([local[o] for o in part.owner])
         ids, mask = part.padded(config.pad_token_id)
         positions, labels, weights = part.scored(ids.shape[1])
-        is_kl = np.arange(len(part)) >= n_scored
-        last = mask.sum(1) - 1
-        positions[is_kl, 0] = last[is_kl]  # the KL reads the next token after the prompt
-        h0 = stream_before(config, params, ids, mask, layer + 1)
-        pos = jnp.asarray(part.pos)
-        h_at = np.asarray(gather_rows(h0, pos))
-        first = [part.owner.index(i) for i in range(len(edits))]  # bare-prompt row per edit
-        h_init = h_at[first]
-        h_norm = jnp.asarray(np.linalg.norm(h_init, axis=-1))
-        _, ref_logp = scored_logprobs(config, params, h0, mask, layer + 1, positions, labels)
-        batch = (
-            h0,
-            jnp.asarray(mask),
-            pos,
-            jnp.asarray(part.owner),
-            jnp.asarray(positions),
-            jnp.asarray(labels),
-            jnp.asarray(weights),
-            jnp.asarray(is_kl),
-            ref_logp[:, 0],
-            h_norm,
-        )
-        delta = jnp.zeros((len(edits), config.d_model), h0.dtype)
+        suffix = suffix_rows(config, params, ids, mask, np.asarray(part.pos), positions, start)
+        scored = (suffix, jnp.asarray(owner), jnp.asarray(labels), jnp.asarray(weights))
+        bare = [int(np.flatnonzero(owner == i)[0]) for i in range(len(edits))]
+        h_init = np.asarray(gather_rows(suffix.h[np.asarray(bare)], suffix.at[np.asarray(bare)]))
+        hp = {
+            "kl_factor": cfg.kl_factor,
+            "weight_decay": cfg.weight_decay,
+            "h_norm": jnp.asarray(np.linalg.norm(h_init, axis=-1)),
+        }
+        kl_part = None
+        if kl is not None and cfg.kl_factor:
+            k_rows = kl.select(edits)
+            k_ids, k_mask = k_rows.padded(config.pad_token_id)
+            last = (k_mask.sum(1) - 1)[:, None]  # the KL reads the next token after the prompt
+            k_suffix = suffix_rows(
+                config, params, k_ids, k_mask, np.asarray(k_rows.pos), last, start
+            )
+            zero = jnp.zeros((len(edits), config.d_model), k_suffix.h.dtype)
+            _, ref = suffix_logprobs(
+                config, params, k_suffix, zero, jnp.zeros_like(k_suffix.positions), start
+            )
+            kl_part = (k_suffix, ref[:, 0])
+        delta = jnp.zeros((len(edits), config.d_model), suffix.h.dtype)
         opt = optax.adam(cfg.lr)
         opt_state = opt.init(delta)
-        max_norm = cfg.clamp_norm_factor * h_norm[:, None]
+        max_norm = cfg.clamp_norm_factor * hp["h_norm"][:, None]
         for _ in range(cfg.steps):
-            (_, nll), grad = _target_grad(config, layer + 1, params, delta, batch, hp)
+            (_, nll), grad = _target_grad(config, start, params, delta, scored, kl_part, hp)
             updates, opt_state = opt.update(grad, opt_state)
             delta = delta + updates
             norm = jnp.linalg.norm(delta, axis=-1, keepdims=True)
             delta = jnp.where(norm > max_norm, delta * max_norm / norm, delta)
-        (_, nll), _ = _target_grad(config, layer + 1, params, delta, batch, hp)
+        (_, nll), _ = _target_grad(config, start, params, delta, scored, kl_part, hp)
         zs[edits] = h_init + np.asarray(delta, np.float64)
         final_nll[edits] = np.asarray(nll)
     return zs, {"target_nll_mean": float(final_nll.mean())}
