@@ -11,7 +11,10 @@ and Score, and MEMIT's CounterFact ES/PS/NS. Wall time of the editing (key stati
 computed once per host, cached in runs/bench_baselines/stats, reported separately) and peak
 resident memory (the process's maximum RSS after editing, and after loading the host, so the
 difference is what editing added) come from that child, so the methods do not share an
-allocator's high-water mark. The unedited model's row comes from the same evaluation.
+allocator's high-water mark. The unedited model's row comes from the same evaluation. Each run
+records its date and the machine's load. Runs not repeated are kept: those finished in the work
+directory, then those in the committed bench/results/baselines.json (so `--n 1024` adds a
+column instead of replacing the table).
 
 MeG's column comes from a trained MeG work directory of the same edits (`--meg N=WORKDIR`,
 e.g. the quality benchmark's chosen configuration, evaluated with `evaluation.classic=True` so
@@ -24,6 +27,7 @@ each with `score` per edit count) and bench/results/baselines.png.
 """
 
 import argparse
+import datetime
 import json
 import resource
 import subprocess
@@ -80,6 +84,8 @@ def one(method: str, n: int, out: Path) -> None:
     )
     result["eval_seconds"] = time.perf_counter() - start
     result.update(readings(summaries[method], summaries["unedited"]))
+    result["machine"] = common.machine()  # each run's own load: runs of one file differ
+    result["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     write_json_atomic(out, json.loads(json.dumps(result, default=float)))
 
 
@@ -165,6 +171,15 @@ def main() -> None:
     for out in sorted(WORK.glob("result-*-*.json")):
         method, n = out.stem.split("-")[1:]
         runs.setdefault(method, {}).setdefault(n, json.loads(out.read_text()))
+    # Then those the committed results hold (a fresh clone has no work directory), each with
+    # the date and machine of the file it was measured for unless it records its own.
+    committed = common.RESULTS / "baselines.json"
+    if committed.is_file():
+        old = json.loads(committed.read_text())
+        stamp = {"date": old.get("date"), "machine": old.get("machine")}
+        for method, m in {**old.get("methods", {}), "unedited": old.get("unedited") or {}}.items():
+            for n, run in m.get("runs", {}).items():
+                runs.setdefault(method, {}).setdefault(n, {**stamp, **run})
     for item in args.meg:
         n, _, workdir = item.partition("=")
         runs.setdefault("meg", {})[n] = meg_run(Path(workdir))
