@@ -24,9 +24,11 @@ of the familiarity network (`meg_jax.router.nearest`, README "Router kinds"); `:
 generator on conditions jittered by noise of norm about S (`DiTConfig.cond_noise`), so a
 neighbourhood of each edit's condition, where its paraphrases land, maps to its neuron. Each has
 its own work directory (`_nearest`, `_cn<S>`). The best configuration measured,
-`:ctx=2,gate=nearest,cn=0.5`, scores 86.3 ± 0.2 on CounterFact-256 against the default's
-69.9 ± 0.4 (bench/results/quality_patch288.json, three seeds, with the generator's earlier
-288-value patches; the default with 192-value patches: 69.3 ± 2.4, bench/results/quality.json).
+`:ctx=2,gate=nearest,cn=0.5`, scores 85.6 ± 0.4 on CounterFact-256 against the default's
+69.3 ± 2.4 and `:da=1.0`'s 71.4 ± 2.2 (bench/results/quality.json, three seeds; with the
+generator's earlier 288-value patches 86.3 ± 0.2, 69.9 ± 0.4 and 67.7 ± 2.9,
+bench/results/quality_patch288.json). At 1,024 edits the default scores 56.8 (seed 0,
+bench/results/quality_1024_seed0.json): its generator does not fit the larger bank.
 
 The prompt form is `smollm2_qa` (two-shot Q/A), chosen by the share of EMPTY pre-edit answers of
 the unedited model (bench/templates.py, first 256 records, greedy, 20 tokens, cut at a newline):
