@@ -174,7 +174,8 @@ class SuffixRows(NamedTuple):
     causal attention lets no earlier slot see a later one, so the keys and values of slots
     [0, P) stay those of the unedited model at every layer and are computed once (`cache`).
     MEMIT's target fitting changes one slot per row, the subject's last token, which in
-    template prompts comes after a shared few-shot opening: fitting runs a third of the tokens.
+    template prompts comes after a shared few-shot opening (SmolLM2's two-shot rows: 24 of 48
+    slots run; 64 edits' targets 575 s -> 255 s).
 
     h [R, T - P, D], mask [R, T], cache (every layer, T slots, [0, P) read), split: P (scalar),
     at [R]: the changed slot - P, positions [R, M]: the scored slots - P.
