@@ -172,12 +172,13 @@ class SuffixRows(NamedTuple):
     """Right-padded rows [R, T] whose residual stream entering layer `start` changes only at a
     slot at or after `split` (P), with what the layers above need to run slots [P, T) alone:
     causal attention lets no earlier slot see a later one, so the keys and values of slots
-    [0, P) stay those of the unedited model at every layer and are computed once (`cache`).
+    [0, P) stay those of the unedited model at every layer above and are computed once, in
+    one pass of those layers over the whole rows (`cache`).
     MEMIT's target fitting changes one slot per row, the subject's last token, which in
     template prompts comes after a shared few-shot opening (SmolLM2's two-shot rows: 24 of 48
     slots run; 64 edits' targets 575 s -> 255 s).
 
-    h [R, T - P, D], mask [R, T], cache (every layer, T slots, [0, P) read), split: P (scalar),
+    h [R, T - P, D], mask [R, T], cache (layers [start, L), T slots, [0, P) read), split: P,
     at [R]: the changed slot - P, positions [R, M]: the scored slots - P.
     """
 
@@ -187,39 +188,6 @@ class SuffixRows(NamedTuple):
     split: jnp.ndarray
     at: jnp.ndarray
     positions: jnp.ndarray
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def kv_cache(config: LMConfig, params, ids, mask) -> DecoderCache:
-    """Every layer's keys and values [.., R, T, ...] of right-padded rows ids[R, T]."""
-    _, cache = Decoder(config).apply(
-        {"params": params},
-        ids,
-        init_cache(config, *ids.shape),
-        0,
-        mask.astype(bool),
-        default_positions(mask),
-        None,
-        True,  # last_only: the logits are not needed
-        method=Decoder.decode,
-    )
-    return cache
-
-
-def suffix_rows(config: LMConfig, params, ids, mask, pos, positions, start: int) -> SuffixRows:
-    """`SuffixRows` of rows ids[R, T] (numpy, right-padded) whose stream entering layer `start`
-    will change at slots pos[R] (numpy) and is scored at positions[R, M] (numpy, >= pos). P is
-    the smallest pos rounded down to a multiple of PAD_MULTIPLE (fewer compiled widths)."""
-    split = int(np.min(pos)) // PAD_MULTIPLE * PAD_MULTIPLE
-    h = stream_before(config, params, ids, mask, start)[:, split:]
-    return SuffixRows(
-        h,
-        jnp.asarray(mask),
-        kv_cache(config, params, ids, mask),
-        jnp.asarray(split, jnp.int32),
-        jnp.asarray(np.asarray(pos) - split, jnp.int32),
-        jnp.asarray(np.asarray(positions) - split, jnp.int32),
-    )
 
 
 def _cache_from(config: LMConfig, cache: DecoderCache, start: int) -> DecoderCache:
@@ -235,6 +203,38 @@ def _cache_from(config: LMConfig, cache: DecoderCache, start: int) -> DecoderCac
     )
 
 
+@functools.partial(jax.jit, static_argnames=("config", "start"))
+def _upper_cache(config: LMConfig, params, h, mask, start: int) -> DecoderCache:
+    """Keys and values of layers [start, L) ([.., R, T, ...], segmented as `_cache_from` cuts
+    them) of right-padded rows whose stream entering layer `start` is h[R, T, D]."""
+
+    def run(module: Decoder, h, mask):
+        cache = _cache_from(config, init_cache(config, *h.shape[:2]), start)
+        positions = default_positions(mask)
+        _, cache = module._layers(
+            h, start, config.n_layers, positions, mask.astype(bool), None, cache, 0
+        )
+        return cache
+
+    return Decoder(config).apply({"params": params}, h, mask, method=run)
+
+
+def suffix_rows(config: LMConfig, params, ids, mask, pos, positions, start: int) -> SuffixRows:
+    """`SuffixRows` of rows ids[R, T] (numpy, right-padded) whose stream entering layer `start`
+    will change at slots pos[R] (numpy) and is scored at positions[R, M] (numpy, >= pos). P is
+    the smallest pos rounded down to a multiple of PAD_MULTIPLE (fewer compiled widths)."""
+    split = int(np.min(pos)) // PAD_MULTIPLE * PAD_MULTIPLE
+    h = stream_before(config, params, ids, mask, start)
+    return SuffixRows(
+        h[:, split:],
+        jnp.asarray(mask),
+        _upper_cache(config, params, h, jnp.asarray(mask), start),
+        jnp.asarray(split, jnp.int32),
+        jnp.asarray(np.asarray(pos) - split, jnp.int32),
+        jnp.asarray(np.asarray(positions) - split, jnp.int32),
+    )
+
+
 def _suffix_scored_logits(module: Decoder, rows: SuffixRows, add, start: int):
     """Logits [R, M, V] at rows.positions after adding add[R, D] to the stream at slot rows.at
     and running layers [start, L) on slots [P, T) against the cached earlier slots."""
@@ -242,9 +242,8 @@ def _suffix_scored_logits(module: Decoder, rows: SuffixRows, add, start: int):
     width = rows.h.shape[1]
     h = rows.h + jax.nn.one_hot(rows.at, width, dtype=rows.h.dtype)[..., None] * add[:, None]
     slots = jax.lax.dynamic_slice_in_dim(default_positions(rows.mask), rows.split, width, 1)
-    cache = _cache_from(cfg, rows.cache, start)
     h, _ = module._layers(
-        h, start, cfg.n_layers, slots, rows.mask.astype(bool), None, cache, rows.split
+        h, start, cfg.n_layers, slots, rows.mask.astype(bool), None, rows.cache, rows.split
     )
     return module._head(jnp.take_along_axis(h, rows.positions[..., None], axis=1))
 
