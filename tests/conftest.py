@@ -1,10 +1,8 @@
 """Shared pytest fixtures: CPU backend, the shared data folder, and a fake-multi-device runner."""
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,30 +10,9 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One persistent XLA compilation cache for the whole session: the tiny pipeline's programs
-# (same shapes, same HLO) are compiled by many tests, by both xdist workers and by the
-# subprocesses of the multi-device and multi-process tests; compiling dominates those tests, so
-# each program is compiled once and loaded after. The cache is keyed by the HLO, the compile
-# options, the devices and XLA_FLAGS, so a hit is the same executable a compile would give, and
-# in-process jit caches (what `_cache_size` and `chex.assert_max_traces` guard) are untouched.
-# The folder is fresh per session (made by the process that starts pytest, inherited through
-# the environment by xdist workers and subprocesses, removed at the end), so nothing carries
-# over between sessions; a JAX_COMPILATION_CACHE_DIR set by the caller is used as given.
-_OWNED_JAX_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _OWNED_JAX_CACHE = tempfile.mkdtemp(prefix="meg_jax_test_xla_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWNED_JAX_CACHE
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
-    # A size limit turns on JAX's file lock around reads and writes: without it, one process
-    # could read an entry another is still writing.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-
-
-def pytest_unconfigure(config):
-    if _OWNED_JAX_CACHE is not None:
-        shutil.rmtree(_OWNED_JAX_CACHE, ignore_errors=True)
-
+# No persistent XLA compilation cache is set up here: with one shared by the xdist workers and
+# their subprocesses, a CI run's worker died of a segmentation fault inside an XLA:CPU compile,
+# which no run without it has shown. Setting JAX_COMPILATION_CACHE_DIR still turns one on locally.
 
 # Seconds per test file in a full `-n 2` run on the 2-core CI machine (rounded; files not named
 # take under ~20 s). Only the order of the run depends on them, never what a test checks.
