@@ -1,12 +1,12 @@
 """Edit quality on SmolLM2 over seeds: MeG as published, with DA, and the best configuration.
 
-    python bench/quality.py [--n 256,1024] [--seeds 0,1,2] [--configs a,b,c] [--zsre]
+    python bench/quality.py [--n 256,1024] [--seeds 0,1,2] [--configs a,b,c] [--zsre [a,b,c]]
                             [--best KEY=VALUE ...] [--variant NAME=VARIANT]
                             [--override NAME:KEY=VALUE] [--workdir DIR] [--smoke]
 
 Cells: each dataset and size (CounterFact edit split of ../shared/data with `--n` edits; with
 `--zsre` also zsRE, 256 edits of zsre/zsre_mend_train-1k.json, its far end the pseudo-edits) times
-each configuration:
+each configuration (`--zsre a`: zsRE only for the configurations named):
   a  MeG as published: configs/smollm2_cf.py as it is (the project's SmolLM2 recipe: the
      reference's wherever it works on SmolLM2; its docstring says where not), DA off;
   b  with zero-weight augmentation: configs/smollm2_cf.py:da=1.0;
@@ -103,7 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", default=None, help="CounterFact edit counts, e.g. 256,1024")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--configs", default=None, help="configurations to run: a,b,c")
-    p.add_argument("--zsre", action="store_true", help="also zsRE with 256 edits")
+    p.add_argument(
+        "--zsre",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CONFIGS",
+        help="also zsRE with 256 edits, for CONFIGS (default: those of --configs)",
+    )
     p.add_argument("--best", action="append", default=[], help="KEY=VALUE override of config c")
     p.add_argument("--variant", action="append", default=[], help="NAME=VARIANT (config file)")
     p.add_argument("--override", action="append", default=[], help="NAME:KEY=VALUE")
@@ -117,10 +124,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ns.n = [int(x) for x in (ns.n or ("4" if ns.smoke else "256,1024")).split(",") if x]
     ns.seeds = [int(x) for x in (ns.seeds or ("0,1" if ns.smoke else "0,1,2")).split(",") if x]
     ns.configs = [c for c in (ns.configs or ("a,b" if ns.smoke else "a,b,c")).split(",") if c]
+    if ns.zsre is not None:
+        ns.zsre = [c for c in ns.zsre.split(",") if c] or ns.configs
     named = {*VARIANTS, *(v.partition("=")[0] for v in ns.variant)}
-    unknown = [c for c in ns.configs if c not in named]
-    if unknown:
-        p.error(f"--configs: unknown {unknown}; expected some of {sorted(named)} (--variant)")
+    for flag, configs in (("--configs", ns.configs), ("--zsre", ns.zsre or [])):
+        unknown = [c for c in configs if c not in named]
+        if unknown:
+            p.error(f"{flag}: unknown {unknown}; expected some of {sorted(named)} (--variant)")
     ns.workdir = Path(ns.workdir or REPO / "runs" / ("bench_quality" + "_smoke" * ns.smoke))
     return ns
 
@@ -337,17 +347,17 @@ def main(argv=None):
     setups = configurations(args)
     if args.smoke:
         base_file = smoke_config_file(args.workdir, max(args.n))
-        if args.zsre:
+        if args.zsre is not None:
             print("--smoke: the tiny run's given bank is CounterFact's; zsRE is left out")
     else:
         base_file = str(REPO / CONFIG_FILE)
-    plan = [("cf", n) for n in args.n]
-    if args.zsre and not args.smoke:
-        plan.append(("zsre", 256))
+    plan = [("cf", n, args.configs) for n in args.n]
+    if args.zsre is not None and not args.smoke:
+        plan.append(("zsre", 256, args.zsre))
     cells, planned = {}, []
     result = summary(args, cells, planned)
-    for dataset, n in plan:
-        for name in args.configs:
+    for dataset, n, names in plan:
+        for name in names:
             label = f"{dataset}-{n}/{name}"
             planned.append(label)
             if name == "c" and not setups["c"]["overrides"] and not setups["c"]["variant"]:
