@@ -1,5 +1,6 @@
 """Shared pytest fixtures: CPU backend, the shared data folder, and a fake-multi-device runner."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -58,6 +59,23 @@ def pytest_collection_modifyitems(config, items):
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test file, drop every compiled program this process holds.
+
+    Each XLA:CPU executable maps about a dozen memory regions that stay until it is freed, and
+    an xdist worker that kept every program of its files passed 20,000 regions in five minutes;
+    at the kernel's limit (vm.max_map_count, 65,530) the next compile's mmap fails and XLA dies
+    of a segmentation fault, as two full runs' workers did. Torn down after the file's own
+    module fixtures (autouse fixtures are set up first), so nothing of the file is still in use.
+    """
+    yield
+    import jax  # here, not at the top: JAX_PLATFORMS is set above before jax is first imported
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
