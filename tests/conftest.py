@@ -11,10 +11,6 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# No persistent XLA compilation cache is set up here: with one shared by the xdist workers and
-# their subprocesses, a CI run's worker died of a segmentation fault inside an XLA:CPU compile,
-# which no run without it has shown. Setting JAX_COMPILATION_CACHE_DIR still turns one on locally.
-
 # Seconds per test file in a full `-n 2` run on the 2-core CI machine (rounded; files not named
 # take under ~20 s). Only the order of the run depends on them, never what a test checks.
 SLOW_FILES = {
@@ -65,11 +61,12 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 def _release_compiled_programs():
     """After each test file, drop every compiled program this process holds.
 
-    Each XLA:CPU executable maps about a dozen memory regions that stay until it is freed, and
-    an xdist worker that kept every program of its files passed 20,000 regions in five minutes;
-    at the kernel's limit (vm.max_map_count, 65,530) the next compile's mmap fails and XLA dies
-    of a segmentation fault, as two full runs' workers did. Torn down after the file's own
-    module fixtures (autouse fixtures are set up first), so nothing of the file is still in use.
+    Each XLA:CPU executable keeps about a dozen memory mappings until it is freed. An xdist
+    worker that kept every program of its files reached 65,464 mappings near the end of a full
+    run, 66 short of the kernel's limit (vm.max_map_count, 65,530), past which a compile's mmap
+    fails; two full runs (one in CI) lost a worker to a segmentation fault inside an XLA:CPU
+    compile at that stage of the suite. Torn down after the file's own module fixtures
+    (autouse fixtures are set up first), so nothing of the file is still in use.
     """
     yield
     import jax  # here, not at the top: JAX_PLATFORMS is set above before jax is first imported
