@@ -428,10 +428,12 @@ def _timed(fn):
 def generator_check(
     bank, records, config, params, tokenizer, template, steps: int, overrides: dict
 ) -> dict:
-    """The generator (preset "fast" with `overrides`, `steps` steps) trained on `bank`: its
-    stopping criterion and generated-weight success on the bank's fitted edits (SmolLM2 with the
-    generated neuron answers the target, greedy, exact match). bench/results/generator.json has
-    the same recipe on the shared reference bank (SGD, 50 steps) for comparison."""
+    """The generator (preset "fast" with `overrides`, at most `steps` steps, stopping as the
+    pipeline does once the criterion is below the threshold) trained on `bank`: its stopping
+    criterion and generated-weight success on the bank's fitted edits where it stopped (SmolLM2
+    with the generated neuron answers the target, greedy, exact match).
+    bench/results/generator.json has the same recipe on the shared reference bank (SGD, 50 steps)
+    for comparison."""
     import tempfile
     from pathlib import Path
 
@@ -450,7 +452,9 @@ def generator_check(
     runner = ModelRunner(config, params, tokenizer, batch_size=64, show_progress=False)
 
     def callback(step, state, samples, record):
-        if step < steps:  # generating for every edit costs minutes: at the end only
+        # Generating for every edit costs minutes: only where training ends (below the
+        # stopping criterion, or at the last step).
+        if step < steps and not record["criterion"] < cfg.train.stop_threshold:
             return {"at_step": step}
         neurons = unflatten_neuron(np.asarray(samples), config.d_model, False)
         texts = runner.generate(prompts, neurons, 20, template.generation_stops)
@@ -463,7 +467,6 @@ def generator_check(
         "num_steps": steps,
         "eval_every": max(steps // 6, 1),
         "checkpoint_every": steps,
-        "stop_threshold": 0.0,
         "criterion_sampler": {"kind": "ddim", "steps": 50, "shared_noise": True},
     }
     cfg = generator_config({**overrides, "train": {**overrides.get("train", {}), **train}}, "fast")
@@ -482,7 +485,9 @@ def generator_check(
     return {
         "preset": "fast",
         "overrides": overrides,
-        "steps": steps,
+        "steps": result.step,
+        "max_steps": steps,
+        "stopped": result.stopped,
         "fitted_edits": int(keep.sum()),
         "criterion": float(last["criterion"]),
         "generated_weight_success": float(last["success"]),

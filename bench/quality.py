@@ -54,6 +54,7 @@ from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
 from meg_jax.infra.fingerprint import digest
 from meg_jax.pipeline import load_config
 from meg_jax.pipeline.cli import ConfigError, setup_logging, user_errors
+from meg_jax.pipeline.generator import generator_settings
 from meg_jax.pipeline.seeds import STD_KIND, run_seeds
 
 CONFIG_FILE = "configs/smollm2_cf.py"
@@ -180,7 +181,7 @@ def cell_config(args, base_file: str, dataset: str, n: int, name: str, setup: di
     # The generator's settings as its preset resolves them: a changed preset is a new cell, not
     # one read back from `cells/` (the pipeline's own stage identity holds them too).
     resolved = {**dataclasses.asdict(cfg), "workdir": ""}
-    resolved["generator_settings"] = dataclasses.asdict(cfg.generator.build())
+    resolved["generator_settings"] = generator_settings(cfg.generator.build())
     key = digest(resolved)[:8]
     workdir = args.workdir / f"{cell}-{key}"
     cfg = dataclasses.replace(cfg, workdir=str(workdir))

@@ -71,6 +71,23 @@ def test_cond_scale_multiplies_the_normalised_condition(tiny):
     assert np.abs(out - model.apply({"params": params}, x, t, cond)).max() > 1e-3
 
 
+def test_condition_tokens_add_the_scaled_condition_to_every_token(tiny):
+    plain, plain_params, (x, t, cond) = tiny
+    assert "cond_tokens" not in plain_params  # off by default (the reference)
+    model, params, _ = _init(dataclasses.replace(TINY, cond_tokens=True), 24)
+    assert params["cond_tokens"]["kernel"].shape == (24, TINY.hidden)
+    out = model.apply({"params": params}, x, t, cond)
+    # The same normalised, scaled condition: its length still does not matter.
+    np.testing.assert_allclose(model.apply({"params": params}, x, t, 5 * cond), out, atol=1e-5)
+    # With the token projection zeroed it is the network without it, parameter for parameter...
+    zeroed = {**params, "cond_tokens": jax.tree.map(jnp.zeros_like, params["cond_tokens"])}
+    rest = {k: v for k, v in params.items() if k != "cond_tokens"}
+    without = plain.apply({"params": rest}, x, t, cond)
+    np.testing.assert_allclose(model.apply({"params": zeroed}, x, t, cond), without, atol=1e-6)
+    # ...and otherwise the token stream carries the condition.
+    assert np.abs(out - without).max() > 1e-3
+
+
 def test_condition_projection_only_when_widths_differ():
     for width in (TINY.hidden, 24):
         x, t, cond = _inputs(width)

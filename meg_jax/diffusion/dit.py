@@ -9,7 +9,8 @@ plus a fixed 1-D sin-cos position embedding; `depth` adaLN blocks; an adaLN fina
 Linear(D -> C * S); un-patch to [B, C, N * S] and crop to [B, C, P]. The conditioning vector is
 c = TimestepEmbedder(t) + proj(cond_scale * cond / |cond|), with dropout on c during training
 (reference: cond_scale 1, p = 0.2). `proj` is the identity when E == D, as in the reference
-(which adds the 768-d BERT vector straight onto the 768-wide c).
+(which adds the 768-d BERT vector straight onto the 768-wide c). With `cond_tokens` a second
+Linear(E -> D) of the scaled condition is also added to every token after the position embedding.
 
 The reference's head is Linear(D -> C * D) followed by a shared Linear(D -> S) per channel, a
 product of two linear maps; we use the single Linear(D -> C * S) it composes to (same function
@@ -181,6 +182,9 @@ class DiT1D(nn.Module):
             cond = unit + noise * (cfg.cond_noise / math.sqrt(cond.shape[-1]))
         norm = jnp.maximum(jnp.linalg.norm(cond, axis=-1, keepdims=True), 1e-12)
         cond = cond * (cfg.cond_scale / norm)
+        if cfg.cond_tokens:
+            width = cond.shape[-1]
+            x = x + _dense(cfg, cfg.hidden, width, name="cond_tokens")(cond.astype(dtype))[:, None]
         if cond.shape[-1] != cfg.hidden:
             cond = _dense(cfg, cfg.hidden, cond.shape[-1], name="cond_proj")(cond)
         c = TimestepEmbedder(cfg, name="t_embed")(t) + cond.astype(dtype)  # [B, D]

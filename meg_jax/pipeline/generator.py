@@ -26,6 +26,7 @@ import numpy as np
 
 from meg_jax.collect.bank import WeightBank
 from meg_jax.data.records import EditRecord
+from meg_jax.diffusion.config import GeneratorConfig
 from meg_jax.diffusion.generate import load_generator_params, save_generator
 from meg_jax.diffusion.train import train_generator
 from meg_jax.encoder.text_encoder import TextEncoder
@@ -46,7 +47,7 @@ def generator_inputs(ctx: RunContext, edits: EditSet, lineages: dict) -> StageIn
     identity and the calibration tail the zero queries are chosen around.
     """
     g = ctx.cfg.generator
-    generator = without_legacy(dataclasses.asdict(g.build()), {"dit.cond_noise": 0.0})
+    generator = without_legacy(generator_settings(g.build()), {"dit.cond_noise": 0.0})
     config = {"generator": generator, "template": ctx.template.query}
     if g.zero_augmentation > 0:
         config["zero_augmentation"] = {
@@ -56,6 +57,12 @@ def generator_inputs(ctx: RunContext, edits: EditSet, lineages: dict) -> StageIn
             "calibration": _calibration_size(ctx),
         }
     return StageInputs(config=config, upstream=lineages, items=edits.items)
+
+
+def generator_settings(config: GeneratorConfig) -> dict:
+    """A generator configuration as fingerprints record it: settings added since work
+    directories were keyed by it are left out while they keep the earlier behaviour."""
+    return without_legacy(dataclasses.asdict(config), {"dit.cond_tokens": False})
 
 
 def _calibration_size(ctx: RunContext) -> int:
