@@ -15,13 +15,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # take under ~20 s). Only the order of the run depends on them, never what a test checks.
 SLOW_FILES = {
     "test_distributed.py": 260,
-    "test_configs.py": 250,
     "test_baseline_pipeline.py": 230,
+    "test_configs.py": 170,
     "test_sharded_stages.py": 170,
     "test_pipeline.py": 170,
-    "test_evaluator.py": 150,
+    "test_baselines_parity.py": 150,
+    "test_evaluator.py": 135,
     "test_seeds.py": 125,
-    "test_baselines_smollm2.py": 120,
+    "test_baselines_smollm2.py": 105,
     "test_collect.py": 80,
     "test_generation.py": 60,
     "test_locality_readings.py": 50,

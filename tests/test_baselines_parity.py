@@ -326,8 +326,9 @@ def test_suffix_logprobs_equal_the_whole_rows(tmp_path, arch, neuron_layer):
             lp, _ = suffix_logprobs(config, params, suffix, a, jnp.asarray(labels), layer)
             return jnp.sum(lp), lp
 
-        (_, want), grad_want = jax.value_and_grad(whole, has_aux=True)(add)
-        (_, got), grad_got = jax.value_and_grad(cut, has_aux=True)(add)
+        # Compiled (a program per start layer) rather than run op by op: the same functions.
+        (_, want), grad_want = jax.jit(jax.value_and_grad(whole, has_aux=True))(add)
+        (_, got), grad_got = jax.jit(jax.value_and_grad(cut, has_aux=True))(add)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(grad_got, grad_want, rtol=1e-4, atol=1e-6)
 

@@ -39,6 +39,13 @@ def setup():
     return host, load_edits(EDITS, limit=N), get_template("smollm2")
 
 
+@pytest.fixture(scope="module")
+def unedited(setup):
+    """The unedited model's readings, the same for every method: evaluated once."""
+    host, records, template = setup
+    return _rel(host, host.params, records, template)
+
+
 def _rel(host, params, records, template):
     runner = ModelRunner(host.config, params, host.tokenizer, batch_size=4, show_progress=False)
     cfg = EvalConfig(batch_size=4, max_new_tokens=6)
@@ -51,7 +58,7 @@ def _rel(host, params, records, template):
 # MEMIT's own SmolLM2 run is test_baseline_pipeline's, through train and evaluate (the same
 # evaluator); AlphaEdit, MEMIT's projected update, also runs its target fit and statistics here.
 @pytest.mark.parametrize("method", ["ft", "alphaedit"])
-def test_baseline_inserts_facts(setup, method, tmp_path_factory):
+def test_baseline_inserts_facts(setup, unedited, method, tmp_path_factory):
     host, records, template = setup
     cfg = baseline_config(_config(method).baseline)
     if method == "ft":  # a loose box: this checks the plumbing, not FT-L's tuned bound
@@ -60,7 +67,7 @@ def test_baseline_inserts_facts(setup, method, tmp_path_factory):
         )
     workdir = tmp_path_factory.getbasetemp() / "baselines"  # statistics shared by the methods
     edited, info = run_baseline(method, host, records, template, cfg, workdir)
-    before = _rel(host, host.params, records, template)
+    before = unedited
     after = _rel(host, edited, records, template)
     assert before["rel_ag"] == 0.0  # CounterFact's targets are counterfactual
     # The edited model reads the new targets under teacher forcing (MEMIT reaches about 60 % TF
