@@ -121,10 +121,23 @@ def test_batched_equals_batch1_loop(setup):
     template = get_template("smollm2")
     editor = _random_editor(config.d_model)
     runner = ModelRunner(config, params, tokenizer, batch_size=4, show_progress=False)
-    rows, _ = evaluate_meg(
-        runner, records, template, editor, None, EvalConfig(batch_size=4, tf_mode="fast")
-    )
+    eval_config = EvalConfig(batch_size=4, tf_mode="fast")
+    # The random model never states a CounterFact target, so on the real records Rel AG and Rel
+    # TF are all 0 and a broken reference could agree: the first half of the records ask for
+    # what the edited model answers (its own greedy answer as the target), so both move.
+    first, _ = evaluate_meg(runner, records, template, editor, None, eval_config)
+    half = N_RECORDS // 2
+    own = [
+        dataclasses.replace(
+            r, target_new=postprocess_answer(row["rel_prediction"], template.answer_cuts).strip()
+        )
+        for r, row in zip(records[:half], first[:half], strict=True)
+    ]
+    assert all(r.target_new for r in own)
+    records = own + records[half:]
+    rows, _ = evaluate_meg(runner, records, template, editor, None, eval_config)
     ag, tf = _batch1_reference(config, params, tokenizer, records, template, editor)
+    assert any(ag) and not all(ag) and max(tf) > 0.5 and min(tf) < 0.5
     assert [row["rel_ag"] for row in rows] == ag
     np.testing.assert_allclose([row["rel_tf"] for row in rows], tf)
     # The neuron must matter, or this test could not tell neurons apart.
