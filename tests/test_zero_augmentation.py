@@ -214,7 +214,8 @@ def test_fingerprint_includes_the_ratio_and_the_pseudo_file(shared_data, tmp_pat
     assert inputs(0.0, pseudo="").fingerprint == off.fingerprint  # unused pseudo file: no matter
 
 
-def test_condition_noise_enters_the_generator_identity_only_when_on(shared_data, tmp_path):
+def _dit_inputs(shared_data, tmp_path):
+    """`inputs(**dit)`: the generator stage's inputs on 4 edits with these DiT overrides."""
     edits = _edits(shared_data, 4)
 
     def inputs(**dit):
@@ -224,11 +225,27 @@ def test_condition_noise_enters_the_generator_identity_only_when_on(shared_data,
         cfg = dataclasses.replace(ctx.cfg, generator=dataclasses.replace(g, overrides=overrides))
         return generator_stage.generator_inputs(RunContext.create(cfg), edits, {"collect": "c"})
 
+    return inputs
+
+
+def test_condition_noise_enters_the_generator_identity_only_when_on(shared_data, tmp_path):
+    inputs = _dit_inputs(shared_data, tmp_path)
     off, zero, on = inputs(), inputs(cond_noise=0.0), inputs(cond_noise=0.3)
     assert "cond_noise" not in off.config["generator"]["dit"]  # earlier runs keep their identity
     assert zero.fingerprint == off.fingerprint and zero.lineage == off.lineage
     assert on.config["generator"]["dit"]["cond_noise"] == 0.3
     assert on.fingerprint != off.fingerprint and on.lineage != off.lineage
+
+
+def test_condition_tokens_enter_the_generator_identity_only_when_on(shared_data, tmp_path):
+    inputs = _dit_inputs(shared_data, tmp_path)
+    off, on = inputs(cond_tokens=False), inputs(cond_tokens=True)
+    assert "cond_tokens" not in off.config["generator"]["dit"]  # earlier runs keep their identity
+    assert on.config["generator"]["dit"]["cond_tokens"] is True
+    assert on.fingerprint != off.fingerprint and on.lineage != off.lineage
+    # Each added setting is left out on its own: noise on, tokens off.
+    noisy = inputs(cond_tokens=False, cond_noise=0.3).config["generator"]["dit"]
+    assert "cond_tokens" not in noisy and noisy["cond_noise"] == 0.3
 
 
 # ---------------------------------------------------------------- a generator trained with DA
