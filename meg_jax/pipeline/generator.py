@@ -47,6 +47,8 @@ def generator_inputs(ctx: RunContext, edits: EditSet, lineages: dict) -> StageIn
     identity and the calibration tail the zero queries are chosen around.
     """
     g = ctx.cfg.generator
+    # cond_noise is left out here, not in `generator_settings`: bench/quality.py's cell keys,
+    # which also use `generator_settings`, were made with it present.
     generator = without_legacy(generator_settings(g.build()), {"dit.cond_noise": 0.0})
     config = {"generator": generator, "template": ctx.template.query}
     if g.zero_augmentation > 0:
