@@ -2,10 +2,12 @@
 
     nice -n 10 python bench/scale.py [--edits 8] [--tokens 32] [--eval-batch 8]
                                      [--generator-batch 32] [--runs 2] [--no-plans]
+    JAX_PLATFORMS=cuda python bench/scale.py --no-plans --memory-budget-gib 120 [sizes...]
 
-On this machine's CPU (no accelerator was lent to this session), with the true GPT-J-6B shapes
-(meg_jax/checkpoints/presets.py) and random bfloat16 weights (12.1 GB, made leaf by leaf and
-layer by layer in bfloat16 so that no float32 copy of the model ever exists):
+With the true GPT-J-6B shapes (meg_jax/checkpoints/presets.py) and random bfloat16 weights
+(12.1 GB, made leaf by leaf and layer by layer in bfloat16 so that no float32 copy of the model
+ever exists), on this machine's CPU (the top level of scale.json) or, with JAX_PLATFORMS naming
+an accelerator, on that device (filed under `accelerator_runs[<device kind>]`, the CPU run kept):
   * collection: the frozen prefix below the neuron layer once per batch, then one SGD step of
     `--edits` fits (`collect.fit.sgd_fit`, forward and backward from the neuron layer up w.r.t.
     the per-edit neurons; a one-step call also evaluates the loss at the result, so the figure
@@ -18,7 +20,8 @@ layer by layer in bfloat16 so that no float32 copy of the model ever exists):
 Each is timed `--runs` times after a warm-up (compilation) run; the median is reported with
 tokens/s, FLOP/s (collection and generator: XLA's cost analysis of the compiled step;
 evaluation: 2 x non-embedding parameters per token, plus nothing for attention), the process's
-peak resident memory during the stage (sampled every 20 ms) and XLA's per-program temporaries.
+peak resident memory during the stage (sampled every 20 ms), on an accelerator its allocator's
+peak, and XLA's per-program temporaries.
 
 The 10,000-edit projection scales the measured per-item times (assumptions recorded in the
 JSON) beside the reference's reported hours; the per-device-set figures are a roofline estimate
@@ -28,6 +31,7 @@ each in its own process (8 fake CPU devices).
 """
 
 import argparse
+import datetime
 import functools
 import json
 import os
@@ -38,17 +42,19 @@ import threading
 import time
 from pathlib import Path
 
-from common import REPO, median, write_result  # noqa: I001  (sets up sys.path first)
+from common import REPO, RESULTS, machine, median, write_result  # noqa: I001  (sets up sys.path)
 
 from meg_jax.planning.memory import cpu_xla_flags
 
-# XLA:CPU would otherwise hoist a float32 copy of the stacked bfloat16 weights out of the layer
-# loop (meg_jax/planning/memory.py): 22 GiB more than the model, on a 24 GiB machine.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_xla_flags(1)).strip()
+PLATFORM = os.environ.get("JAX_PLATFORMS") or "cpu"
+if PLATFORM == "cpu":
+    # XLA:CPU would otherwise hoist a float32 copy of the stacked bfloat16 weights out of the
+    # layer loop (meg_jax/planning/memory.py): 22 GiB more than the model, on a 24 GiB machine.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + cpu_xla_flags(1)).strip()
 
 import jax  # noqa: E402
 
-jax.config.update("jax_platforms", os.environ.get("JAX_PLATFORMS") or "cpu")
+jax.config.update("jax_platforms", PLATFORM)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -58,6 +64,7 @@ from meg_jax.collect.fit import sgd_fit  # noqa: E402
 from meg_jax.diffusion.config import generator_config  # noqa: E402
 from meg_jax.diffusion.normalization import NormStats  # noqa: E402
 from meg_jax.diffusion.train_step import init_state, make_train_step  # noqa: E402
+from meg_jax.infra.files import write_json_atomic  # noqa: E402
 from meg_jax.infra.sharding import make_mesh  # noqa: E402
 from meg_jax.infra.trees import flatten_tree, unflatten_tree  # noqa: E402
 from meg_jax.models.decoder import Decoder  # noqa: E402
@@ -101,6 +108,20 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def memory_fields(mem: PeakRSS) -> dict:
+    """The stage's peak host memory and, on an accelerator, its allocator's peak so far.
+
+    JAX cannot reset the allocator's peak, so on an accelerator the figure is the largest since
+    the process started: stages run generator, collection, evaluation, and the first two are
+    each their own (the generator's is below the model's weights alone).
+    """
+    out = {"peak_rss_gib": round(mem.peak / GIB, 3)}
+    stats = jax.devices()[0].memory_stats() if PLATFORM != "cpu" else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["device_peak_gib_so_far"] = round(stats["peak_bytes_in_use"] / GIB, 3)
+    return out
 
 
 def random_params(config, seed: int = 0):
@@ -234,7 +255,7 @@ def bench_collection(config, params, args) -> dict:
             "xla_temp_gib": temp_gib(fit_c),
             "planned_peak_gib": round(fit_need / GIB, 3),
         },
-        "peak_rss_gib": round(mem.peak / GIB, 3),
+        **memory_fields(mem),
     }
 
 
@@ -269,7 +290,7 @@ def bench_generator(config, args) -> dict:
         "flop_per_s": flops / times["median_s"],
         "flops": flops,
         "xla_temp_gib": temp_gib(compiled),
-        "peak_rss_gib": round(mem.peak / GIB, 3),
+        **memory_fields(mem),
     }
 
 
@@ -305,7 +326,7 @@ def bench_evaluation(config, params, args) -> dict:
         "tokens_per_s": processed / times["median_s"],
         "flop_per_s": 2 * count * processed / times["median_s"],
         "flops_estimate": 2 * count * processed,
-        "peak_rss_gib": round(mem.peak / GIB, 3),
+        **memory_fields(mem),
     }
 
 
@@ -396,15 +417,15 @@ def main():
     parser.add_argument("--model", default="gpt-j-6b", help="preset (smaller ones: smoke tests)")
     args = parser.parse_args()
 
-    result = {
-        "accelerator": "none: no GPU or TPU was lent to this session; every figure is this CPU's",
-        "args": vars(args),
-        "reference": REFERENCE,
-    }
+    accelerator = jax.devices()[0].device_kind if PLATFORM != "cpu" else None
+    result = {"args": vars(args), "reference": REFERENCE}
     if not args.no_plans:
         result["memory_plans"] = memory_plans(args)
 
     config = lm_config(args.model, dtype="bfloat16")
+    # The generator first: on an accelerator its allocator peak is then its own (memory_fields).
+    result["generator"] = bench_generator(config, args)
+    print(json.dumps(result["generator"]), flush=True)
     with PeakRSS() as mem:
         start = time.perf_counter()
         params = random_params(config)
@@ -424,13 +445,32 @@ def main():
     result["evaluation"] = bench_evaluation(config, params, args)
     print(json.dumps(result["evaluation"]), flush=True)
     del params
-    result["generator"] = bench_generator(config, args)
-    print(json.dumps(result["generator"]), flush=True)
-    result["projection_10000_edits_this_cpu"] = projection(result, args)
-    result["estimate_10000_edits_per_device_set"] = device_estimates(result, args)
-    path = write_result("scale", result)
-    print(json.dumps(result["projection_10000_edits_this_cpu"], indent=1))
+    projected = projection(result, args)
+    if accelerator is None:
+        result["accelerator"] = "none: every figure in this file's top level is this CPU's"
+        result["projection_10000_edits_this_cpu"] = projected
+        result["estimate_10000_edits_per_device_set"] = device_estimates(result, args)
+        path = write_result("scale", result)
+    else:
+        path = file_accelerator_run(accelerator, {**result, "projection_10000_edits": projected})
+    print(json.dumps(projected, indent=1))
     print(f"wrote {path}")
+
+
+def file_accelerator_run(accelerator: str, run: dict) -> Path:
+    """Adds an accelerator's run to scale.json under `accelerator_runs[<device kind>]`, keeping
+    the CPU run (and its machine and date) at the top level; the run carries its own."""
+    path = RESULTS / "scale.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    run["machine"] = machine()
+    run["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    result.setdefault("accelerator_runs", {})[accelerator] = run
+    result["accelerator"] = (
+        "the top level is this CPU's run; accelerator_runs holds the runs on: "
+        + ", ".join(sorted(result["accelerator_runs"]))
+    )
+    write_json_atomic(path, result)
+    return path
 
 
 if __name__ == "__main__":
