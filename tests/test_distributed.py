@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from meg_jax.infra.distributed import Launch, detect_launch
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, xla_flags
 
 # One sharded jitted computation over a global DATA x MODEL = 2 x 2 mesh: a tanh layer with the
 # batch over "data" and the output features over "model", then a mean over everything (a
@@ -75,7 +75,7 @@ def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEG_")}
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         PYTHONPATH=str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
         **extra,
     )
