@@ -447,9 +447,11 @@ def main():
     del params
     projected = projection(result, args)
     if accelerator is None:
-        result["accelerator"] = "none: every figure in this file's top level is this CPU's"
         result["projection_10000_edits_this_cpu"] = projected
         result["estimate_10000_edits_per_device_set"] = device_estimates(result, args)
+        # Accelerator runs filed earlier stay: a CPU rerun replaces the CPU figures only.
+        runs = _read_scale().get("accelerator_runs", {})
+        result.update(accelerator=_accelerator_note(runs), accelerator_runs=runs)
         path = write_result("scale", result)
     else:
         path = file_accelerator_run(accelerator, {**result, "projection_10000_edits": projected})
@@ -460,17 +462,27 @@ def main():
 def file_accelerator_run(accelerator: str, run: dict) -> Path:
     """Adds an accelerator's run to scale.json under `accelerator_runs[<device kind>]`, keeping
     the CPU run (and its machine and date) at the top level; the run carries its own."""
-    path = RESULTS / "scale.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
+    result = _read_scale()
     run["machine"] = machine()
     run["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     result.setdefault("accelerator_runs", {})[accelerator] = run
-    result["accelerator"] = (
-        "the top level is this CPU's run; accelerator_runs holds the runs on: "
-        + ", ".join(sorted(result["accelerator_runs"]))
-    )
+    result["accelerator"] = _accelerator_note(result["accelerator_runs"])
+    path = RESULTS / "scale.json"
     write_json_atomic(path, result)
     return path
+
+
+def _read_scale() -> dict:
+    path = RESULTS / "scale.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _accelerator_note(runs: dict) -> str:
+    if not runs:
+        return "none: every figure in this file is this CPU's"
+    return "the top level is this CPU's run; accelerator_runs holds runs on " + ", ".join(
+        sorted(runs)
+    )
 
 
 if __name__ == "__main__":
