@@ -72,6 +72,7 @@ from meg_jax.models.generate import greedy_generate  # noqa: E402
 from meg_jax.models.neuron import Neuron, neuron_vector_size  # noqa: E402
 
 GIB = 2**30
+SCALE_JSON = RESULTS / "scale.json"  # write_result("scale", ...) writes the same file
 N_EDITS = 10_000
 # The reference's hours (METHOD.md §3.3, §4.4, Table 20; Phi-2 zsRE).
 REFERENCE = {
@@ -467,14 +468,12 @@ def file_accelerator_run(accelerator: str, run: dict) -> Path:
     run["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     result.setdefault("accelerator_runs", {})[accelerator] = run
     result["accelerator"] = _accelerator_note(result["accelerator_runs"])
-    path = RESULTS / "scale.json"
-    write_json_atomic(path, result)
-    return path
+    write_json_atomic(SCALE_JSON, result)
+    return SCALE_JSON
 
 
 def _read_scale() -> dict:
-    path = RESULTS / "scale.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(SCALE_JSON.read_text()) if SCALE_JSON.exists() else {}
 
 
 def _accelerator_note(runs: dict) -> str:
