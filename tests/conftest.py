@@ -38,8 +38,8 @@ def xla_flags(n_devices: int) -> str:
     return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={n_devices}"
 
 
-# Seconds per test file in a full `-n 2` run on the 2-core CI machine (rounded; files not named
-# take under ~20 s). Only the order of the run depends on them, never what a test checks.
+# Seconds per test file in a full `-n 2` run on a 2-core machine (rounded; files not named
+# take under ~25 s). Only the order of the run depends on them, never what a test checks.
 SLOW_FILES = {
     "test_baseline_pipeline.py": 390,
     "test_distributed.py": 360,
