@@ -1,8 +1,10 @@
 """The memory plan: parameter and optimiser bytes against hand computation, nothing allocated."""
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,7 +12,9 @@ from meg_jax.diffusion.config import generator_config
 from meg_jax.models.config import LMConfig
 from meg_jax.plan import _mesh, parse_args
 from meg_jax.planning import DEVICE_SETS, StageSizes, plan_stages, verdict
+from meg_jax.planning.flops import matmul_flops
 from meg_jax.planning.memory import GIB, device_mesh, format_plan
+from meg_jax.planning.programs import collection_programs, mesh_of
 from tests.conftest import run_with_fake_devices
 
 # A tiny Llama: V 512, D 64, L 2, F 128, 4 query heads over 2 KV heads of 16, untied.
@@ -105,6 +109,25 @@ def test_plan_matches_hand_computation_and_allocates_nothing():
             p.param_bytes + p.optimizer_bytes + p.input_bytes + p.activation_bytes + p.output_bytes
         )
     assert "collect/fit_step" in format_plan(plans)
+
+
+def test_matmul_flops_count_every_layer_and_scan_step():
+    """The prefix of a 3-layer TINY below layer 2 runs two layers as a `lax.scan`: its FLOPs are
+    twice one layer's by hand (XLA's cost analysis counts a loop body once), and a scan of ten
+    matmuls counts ten, its gradient with respect to the input twice that."""
+    config = dataclasses.replace(TINY, n_layers=3, neuron_layer=2)
+    (prefix, _) = collection_programs(config, mesh_of((1, 1)), SIZES)
+    tokens, t, h, hd, kv = 4 * 8, 8, 4, 16, 2 * 16
+    weights = 64 * 64 + 2 * 64 * kv + 64 * 64 + 3 * 64 * 128  # q, k, v, o, gate, up, down
+    attention = 2 * (2 * 4 * h * t * t * hd)  # scores and the weighted sum of values
+    assert matmul_flops(prefix.traced) == 2 * (2 * weights * tokens + attention)
+
+    def chain(w, x):  # w [10, 8, 8], x [3, 8]
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0].sum()
+
+    w, x = jnp.ones((10, 8, 8)), jnp.ones((3, 8))
+    assert matmul_flops(jax.jit(chain).trace(w, x)) == 10 * 2 * 3 * 8 * 8
+    assert matmul_flops(jax.jit(jax.grad(chain, 1)).trace(w, x)) == 2 * 10 * 2 * 3 * 8 * 8
 
 
 def test_plan_splits_parameters_over_the_model_axis():

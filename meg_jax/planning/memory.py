@@ -28,6 +28,7 @@ import time
 
 from meg_jax.diffusion.config import GeneratorConfig, generator_config
 from meg_jax.models.config import LMConfig
+from meg_jax.planning.flops import matmul_flops
 from meg_jax.planning.programs import (
     Program,
     StageSizes,
@@ -75,7 +76,8 @@ def cpu_xla_flags(n_devices: int) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ProgramMemory:
-    """Per-device bytes of one compiled program, plus its FLOPs (XLA's cost analysis)."""
+    """Per-device bytes of one compiled program, plus its matmul FLOPs (all devices together,
+    `flops.matmul_flops`)."""
 
     name: str
     param_bytes: int
@@ -105,12 +107,9 @@ class ProgramMemory:
 def analyze(program: Program) -> ProgramMemory:
     """Compiles `program` (shapes only) and splits its per-device memory as the module says."""
     start = time.perf_counter()
-    compiled = program.lowered.compile()
+    compiled = program.traced.lower().compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older JAX returned one dict per module
-        cost = cost[0] if cost else {}
     return ProgramMemory(
         name=program.name,
         param_bytes=program.param_bytes,
@@ -118,7 +117,7 @@ def analyze(program: Program) -> ProgramMemory:
         input_bytes=program.input_bytes,
         activation_bytes=int(mem.temp_size_in_bytes),
         output_bytes=max(int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes), 0),
-        flops=float(cost.get("flops", 0.0)),
+        flops=matmul_flops(program.traced),
         tokens=program.tokens,
         compile_s=round(seconds, 2),
         note=program.note,
@@ -253,7 +252,7 @@ def format_plan(plans: list[StagePlan]) -> str:
         f"{'stage/program':24} {'mesh':>5} {'params':>9} {'optim':>9} {'inputs':>9} "
         f"{'activ.':>9} {'outputs':>9} {'peak':>9} {'GFLOP':>10}"
     )
-    lines = [head + "   (GiB per device)", "-" * len(head)]
+    lines = [head + "   (GiB per device; GFLOP: matmuls, all devices)", "-" * len(head)]
     for plan in plans:
         for p in plan.programs:
             lines.append(

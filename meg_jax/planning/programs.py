@@ -3,7 +3,7 @@
 Axes: B edits / queries per batch, T tokens, N new tokens, D model width, P neuron length,
 E condition width, G generator batch.
 
-Every builder returns `Program`s: a lowered (not yet compiled) jitted step whose inputs are
+Every builder returns `Program`s: a traced (not yet compiled) jitted step whose inputs are
 `jax.ShapeDtypeStruct`s carrying the shardings the real run places its arrays with, plus the
 per-device bytes of its parameters and optimiser state. Compiling such a program runs XLA's
 SPMD partitioner and buffer assignment for one device of the mesh, which is what
@@ -51,10 +51,10 @@ class StageSizes:
 
 @dataclasses.dataclass
 class Program:
-    """One lowered step and what its inputs hold on each device."""
+    """One traced step and what its inputs hold on each device."""
 
     name: str
-    lowered: Any  # jax.stages.Lowered
+    traced: Any  # jax.stages.Traced: its jaxpr for FLOPs, `.lower()` for the compiler
     param_bytes: int  # per device
     optimizer_bytes: int  # per device
     input_bytes: int  # per device: the other arguments (batch, neurons, KV cache, ...)
@@ -115,7 +115,7 @@ def collection_programs(config: LMConfig, mesh: Mesh, sizes: StageSizes) -> list
         return Decoder(config).apply({"params": params}, tokens, mask, method=Decoder.hidden_before)
 
     hidden_sharding = data_sharding(mesh, 3)
-    lowered_prefix = jax.jit(prefix, out_shardings=hidden_sharding).lower(params, tokens, mask)
+    traced_prefix = jax.jit(prefix, out_shardings=hidden_sharding).trace(params, tokens, mask)
     hidden = _sds((b, t, config.d_model), config.jnp_dtype, hidden_sharding)
     lrs = _sds((1,), jnp.float32, replicated(mesh))  # one step; the scan's memory is per step
     # (hidden, mask, targets, loss mask, neurons, active rows, learning rates)
@@ -128,11 +128,11 @@ def collection_programs(config: LMConfig, mesh: Mesh, sizes: StageSizes) -> list
         _batched(mesh, (b,), jnp.bool_),
         lrs,
     )
-    lowered_fit = sgd_fit.lower(config, params, *fit_inputs)
+    traced_fit = sgd_fit.trace(config, params, *fit_inputs)
     return [
         Program(
             "collect/prefix",
-            lowered_prefix,
+            traced_prefix,
             param_bytes,
             0,
             per_device_bytes((tokens, mask)),
@@ -140,7 +140,7 @@ def collection_programs(config: LMConfig, mesh: Mesh, sizes: StageSizes) -> list
         ),
         # SGD has no optimiser state; the neurons being fitted are inputs, counted with them.
         Program(
-            "collect/fit_step", lowered_fit, param_bytes, 0, per_device_bytes(fit_inputs), b * t
+            "collect/fit_step", traced_fit, param_bytes, 0, per_device_bytes(fit_inputs), b * t
         ),
     ]
 
@@ -158,21 +158,22 @@ def evaluation_programs(config: LMConfig, mesh: Mesh, sizes: StageSizes) -> list
         _batched(mesh, (b, t), jnp.bool_),
         _neuron(mesh, b, config.d_model),
     )
-    lowered_prefill = generate._prefill.lower(
+    traced_prefill = generate._prefill.trace(
         config, params, *prefill_inputs, max_new_tokens=n, stop_ids=stop_ids
     )
+    lowered_prefill = traced_prefill.lower()
     # The decoding loop takes the prompt pass's output state as it is placed.
     state = jax.tree.map(
         lambda info, sharding: _sds(info.shape, info.dtype, sharding),
         lowered_prefill.out_info,
         lowered_prefill.compile().output_shardings,
     )
-    lowered_decode = generate._decode.lower(config, params, state, stop_ids=stop_ids, pause_at=0)
+    traced_decode = generate._decode.trace(config, params, state, stop_ids=stop_ids, pause_at=0)
     param_bytes = per_device_bytes(params)
     return [
         Program(
             "evaluate/prefill",
-            lowered_prefill,
+            traced_prefill,
             param_bytes,
             0,
             per_device_bytes(prefill_inputs),
@@ -180,7 +181,7 @@ def evaluation_programs(config: LMConfig, mesh: Mesh, sizes: StageSizes) -> list
         ),
         Program(
             "evaluate/decode",
-            lowered_decode,
+            traced_decode,
             param_bytes,
             0,
             per_device_bytes(state),
@@ -229,7 +230,7 @@ def generator_programs(
         _batched(mesh, (g,), jnp.float32),
         _sds((2,), jnp.uint32, replicated(mesh)),
     )
-    lowered = make_train_step(config, mesh).lower(state, *batch)
+    traced = make_train_step(config, mesh).trace(state, *batch)
     params = per_device_bytes(state.params)
     optimizer = per_device_bytes(state.opt_state) + per_device_bytes(state.ema_params)
     others = per_device_bytes((state.step, state.norm, batch))
@@ -237,7 +238,7 @@ def generator_programs(
     return [
         Program(
             "generator/train_step",
-            lowered,
+            traced,
             params,
             optimizer,
             others,
