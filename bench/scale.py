@@ -7,7 +7,8 @@
 With the true GPT-J-6B shapes (meg_jax/checkpoints/presets.py) and random bfloat16 weights
 (12.1 GB, made leaf by leaf and layer by layer in bfloat16 so that no float32 copy of the model
 ever exists), on this machine's CPU (the top level of scale.json) or, with JAX_PLATFORMS naming
-an accelerator, on that device (filed under `accelerator_runs[<device kind>]`, the CPU run kept):
+an accelerator, on that device (filed under `accelerator_runs[<device kind>]`, or
+`[<device kind>, <model>]` for another `--model`, the CPU run kept):
   * collection: the frozen prefix below the neuron layer once per batch, then one SGD step of
     `--edits` fits (`collect.fit.sgd_fit`, forward and backward from the neuron layer up w.r.t.
     the per-edit neurons; a one-step call also evaluates the loss at the result, so the figure
@@ -450,18 +451,19 @@ def main():
         result.update(accelerator=_accelerator_note(runs), accelerator_runs=runs)
         path = write_result("scale", result)
     else:
-        path = file_accelerator_run(accelerator, {**result, "projection_10000_edits": projected})
+        key = accelerator if args.model == "gpt-j-6b" else f"{accelerator}, {args.model}"
+        path = file_accelerator_run(key, {**result, "projection_10000_edits": projected})
     print(json.dumps(projected, indent=1))
     print(f"wrote {path}")
 
 
-def file_accelerator_run(accelerator: str, run: dict) -> Path:
-    """Adds an accelerator's run to scale.json under `accelerator_runs[<device kind>]`, keeping
-    the CPU run (and its machine and date) at the top level; the run carries its own."""
+def file_accelerator_run(key: str, run: dict) -> Path:
+    """Adds an accelerator's run to scale.json under `accelerator_runs[key]`, keeping the CPU
+    run (and its machine and date) at the top level; the run carries its own."""
     result = _read_scale()
     run["machine"] = machine()
     run["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    result.setdefault("accelerator_runs", {})[accelerator] = run
+    result.setdefault("accelerator_runs", {})[key] = run
     result["accelerator"] = _accelerator_note(result["accelerator_runs"])
     write_json_atomic(SCALE_JSON, result)
     return SCALE_JSON
