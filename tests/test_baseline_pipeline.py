@@ -42,11 +42,27 @@ def _mtimes(workdir: Path) -> dict[str, int]:
     return {name: (workdir / name).stat().st_mtime_ns for name in files}
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_host, tmp_path_factory):
+    """`trained(method)`: (args, workdir) of the method's tiny GPT-J run after
+    `python -m meg_jax.train`, run once per module; the first caller checks what train wrote
+    before anything evaluates it (the test below; the rerun test reuses its MEMIT run)."""
+    runs = {}
+
+    def train(method: str) -> tuple[list[str], Path]:
+        if method not in runs:
+            workdir = tmp_path_factory.mktemp(f"gptj_{method}") / "run"
+            args = _args(f"{GPTJ}:tiny,method={method},host={tiny_host}", workdir)
+            assert main(args, run) == 0  # python -m meg_jax.train
+            runs[method] = args, workdir
+        return runs[method]
+
+    return train
+
+
 @pytest.mark.parametrize("method", ["ft", "memit", "alphaedit"])
-def test_tiny_gptj_baseline_trains_evaluates_and_loads(method, tiny_host, tmp_path, capsys):
-    workdir = tmp_path / "run"
-    args = _args(f"{GPTJ}:tiny,method={method},host={tiny_host}", workdir)
-    assert main(args, run) == 0, capsys.readouterr()  # python -m meg_jax.train
+def test_tiny_gptj_baseline_trains_evaluates_and_loads(method, trained, capsys):
+    args, workdir = trained(method)
     # train ran the edits and baseline stages only, and wrote the edited layers.
     assert (workdir / "baseline" / "stage.json").is_file()
     assert not any((workdir / s).exists() for s in ("encoder", "router", "collect", "generator"))
@@ -58,6 +74,7 @@ def test_tiny_gptj_baseline_trains_evaluates_and_loads(method, tiny_host, tmp_pa
     assert manifest["editor"] == method
 
     before = _mtimes(workdir)
+    capsys.readouterr()
     assert main(args, evaluate) == 0, capsys.readouterr()  # python -m meg_jax.evaluate
     out = capsys.readouterr().out
     label = {"ft": "FT-L", "memit": "MEMIT", "alphaedit": "AlphaEdit"}[method]
@@ -81,15 +98,18 @@ def test_tiny_gptj_baseline_trains_evaluates_and_loads(method, tiny_host, tmp_pa
     assert len(model.generate(prompts, max_new_tokens=3)) == 2
 
 
-def test_rerun_skips_and_changed_settings_are_refused(tiny_host, tmp_path, capsys):
-    workdir = tmp_path / "run"
-    args = _args(f"{GPTJ}:tiny,method=memit,host={tiny_host}", workdir)
-    assert main([*args, "--config.evaluate=true"], run) == 0, capsys.readouterr()
+def test_rerun_skips_and_changed_settings_are_refused(trained, capsys):
+    # The MEMIT run of the test above (trained, then evaluated: train and evaluate in one
+    # command, `--config.evaluate=true`, is the SmolLM2 test's below).
+    args, workdir = trained("memit")
+    if not (workdir / "summary.json").exists():  # this test alone
+        assert main(args, evaluate) == 0, capsys.readouterr()
     first = json.loads((workdir / "summary.json").read_text())
     before = _mtimes(workdir) | {"summary.json": (workdir / "summary.json").stat().st_mtime_ns}
     capsys.readouterr()
     assert main([*args, "--config.evaluate=true"], run) == 0
-    assert "done earlier" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("done earlier") >= 3, out  # edits, baseline, evaluation
     after = _mtimes(workdir) | {"summary.json": (workdir / "summary.json").stat().st_mtime_ns}
     assert after == before
     assert json.loads((workdir / "summary.json").read_text()) == first
@@ -119,9 +139,13 @@ def test_smollm2_memit_tiny_edits_are_seen_by_the_evaluator(shared_data, tmp_pat
     except FileNotFoundError as err:
         pytest.skip(str(err))
     workdir = tmp_path / "run"
-    args = _args(f"{SMOLLM2}:tiny,method=memit", workdir)
+    # Train and evaluate in one command (`python -m meg_jax.train --config.evaluate=true`): one
+    # host load and one runner for the edits stage's answers and the evaluation (the separate
+    # `python -m meg_jax.evaluate` is the tiny GPT-J test's above).
+    args = _args(f"{SMOLLM2}:tiny,method=memit", workdir, "--config.evaluate=true")
     assert main(args, run) == 0, capsys.readouterr()
-    assert main(args, evaluate) == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "edited model (MEMIT)" in out and "unedited model" in out
     summaries = json.loads((workdir / "summary.json").read_text())
     before, after = summaries["unedited"], summaries["memit"]
     assert before["rel_ag"] == 0.0  # CounterFact's targets are counterfactual

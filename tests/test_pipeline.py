@@ -10,6 +10,7 @@ checked on the real SmolLM2 in test_collect.py.
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -170,9 +171,8 @@ def test_changed_inputs_stop_each_stage_with_the_ways_out(
     assert not (tmp_path / "one" / "encoder").exists()
 
 
-def test_adding_edits_extends_every_stage(shared_data, tiny_host, given_bank, tmp_path):
-    cfg = _config(shared_data, tiny_host, given_bank, tmp_path)
-    run(cfg, evaluate=False)
+def test_adding_edits_extends_every_stage(trained, shared_data, tiny_host, given_bank, tmp_path):
+    _copy_stages(trained, tmp_path)  # every stage finished on the N_EDITS edits
     bank_before = load_bank(tmp_path / "collect" / "bank.npz")
     router_before = _records(tmp_path, "router")
     bigger = _config(shared_data, tiny_host, given_bank, tmp_path, data__n_edits=N_EDITS + 2)
@@ -197,9 +197,9 @@ def test_adding_edits_extends_every_stage(shared_data, tiny_host, given_bank, tm
 
 
 def test_a_warm_router_extension_continues_from_the_trained_router(
-    shared_data, tiny_host, given_bank, tmp_path
+    trained, shared_data, tiny_host, given_bank, tmp_path
 ):
-    _train_through_router(_config(shared_data, tiny_host, given_bank, tmp_path))
+    _copy_stages(trained, tmp_path, ("edits", "encoder", "router"))  # trained on N_EDITS
     before = _router(tmp_path)
     changes = {"data__n_edits": N_EDITS + 2, "router__extend_warm": True}
     bigger = _config(shared_data, tiny_host, given_bank, tmp_path, **changes)
@@ -213,9 +213,10 @@ def test_a_warm_router_extension_continues_from_the_trained_router(
 
 
 def test_a_nearest_gate_routes_the_run_and_extends_as_from_scratch(
-    shared_data, tiny_host, given_bank, tmp_path
+    trained, shared_data, tiny_host, given_bank, tmp_path
 ):
     cfg = _config(shared_data, tiny_host, given_bank, tmp_path, router__kind="nearest")
+    _copy_stages(trained, tmp_path, ("edits", "encoder"))  # the gate's inputs, as trained
     _train_through_router(cfg)
     gate = load_router(tmp_path / "router", make_mesh())
     record = _records(tmp_path, "router")
@@ -245,6 +246,17 @@ def test_the_familiarity_router_keeps_its_identity_from_before_gate_kinds(traine
     cfg, _ = trained
     config = _records(Path(cfg.workdir), "router").inputs.config
     assert "kind" not in config and "nearest_threshold" not in config and "train" in config
+
+
+def _copy_stages(trained, workdir: Path, stages=None) -> None:
+    """The trained run's finished `stages` (all: the whole work directory) copied into
+    `workdir`: a test that extends a run starts from the shared run's stages (its records name
+    no folder, only their inputs) instead of training the same stages again."""
+    source = Path(trained[0].workdir)
+    if stages is None:
+        shutil.copytree(source, workdir, dirs_exist_ok=True)
+    for stage in stages or ():
+        shutil.copytree(source / stage, workdir / stage)
 
 
 def _train_through_router(cfg) -> None:

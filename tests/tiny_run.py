@@ -62,7 +62,13 @@ def tiny_run_config(shared_data: Path, host: Path, bank: Path, workdir: Path, n_
             "n_val_pairs": 16,
             "n_calibration": 16,
         },
-        "encoder": {"infonce": {"num_steps": 4, "eval_every": 2, "batch_size": 32}},
+        # The editor's encoder views pad every batch to `batch_size` rows (fixed shapes), and
+        # the evaluation asks for 8 queries at a time: 8, not the default 128, rows of MiniLM
+        # per call (test_pipeline.py 379 -> 283 s on its own).
+        "encoder": {
+            "batch_size": 8,
+            "infonce": {"num_steps": 4, "eval_every": 2, "batch_size": 32},
+        },
         "router": {
             "train": {"num_epochs": 20, "batch_size": 32, "save_every": 10},
             "extend_epochs": 5,
