@@ -7,7 +7,11 @@ For each edit count and method a child process runs the pipeline of
 through its stage functions: the edits stage (the first n CounterFact edits of ../shared/data,
 locality labels = the unedited model's answers, as MeG's main job), the baseline stage, and the
 evaluation stage MeG's runs use (the edited weights with the all-zero neuron): MeG's six readings
-and Score, and MEMIT's CounterFact ES/PS/NS. Wall time of the editing (key statistics apart:
+and Score, and MEMIT's CounterFact ES/PS/NS; the unedited model's readings are computed by the
+first method and read by the others (`evaluation.unedited_cache`, runs/bench_baselines/unedited).
+AlphaEdit's single batch reads the target values MEMIT fitted for the same edits from the
+statistics cache (its `edit_seconds` still counts their fitting time: the cost when run alone).
+Wall time of the editing (key statistics apart:
 computed once per host, cached in runs/bench_baselines/stats, reported separately) and peak
 resident memory (the process's maximum RSS after editing, and after loading the host, so the
 difference is what editing added) come from that child, so the methods do not share an
@@ -63,6 +67,7 @@ def one(method: str, n: int, out: Path) -> None:
             f"--config.workdir={WORK / f'{method}-{n}'}",
             f"--config.data.edits={edits_path}",
             f"--config.baseline.stats_dir={WORK / 'stats'}",  # shared by the methods
+            f"--config.evaluation.unedited_cache={WORK / 'unedited'}",  # evaluated once
         ]
     )
     setup_logging(0)

@@ -184,7 +184,10 @@ def cell_config(args, base_file: str, dataset: str, n: int, name: str, setup: di
     resolved["generator_settings"] = generator_settings(cfg.generator.build())
     key = digest(resolved)[:8]
     workdir = args.workdir / f"{cell}-{key}"
-    cfg = dataclasses.replace(cfg, workdir=str(workdir))
+    # Every configuration and seed of a dataset and size compares with the same unedited model:
+    # evaluated once (a location, so outside the cell's key).
+    shared = dataclasses.replace(cfg.evaluation, unedited_cache=str(args.workdir / "unedited"))
+    cfg = dataclasses.replace(cfg, workdir=str(workdir), evaluation=shared)
     return cfg, workdir, argv
 
 

@@ -9,6 +9,7 @@ GPT-J (configs/baseline_gptj.py:tiny); that the evaluator sees the edits is show
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,34 @@ def test_rerun_skips_and_changed_settings_are_refused(trained, capsys):
     assert record.finished and record.inputs.config["memit"]["mom2_update_weight"] == 10.0
     # Another method's section is not an input of this one.
     assert main([*changed, "--config.baseline.alphaedit.l2=1.0"], run) == 0
+
+
+def test_editors_of_the_same_edits_share_one_unedited_evaluation(trained, tmp_path, capsys):
+    """With `evaluation.unedited_cache`, the second editor's evaluation reads the unedited
+    model's readings the first one computed (a marker planted in the cache shows it read them,
+    not recomputed equal ones); a changed evaluator setting is another entry."""
+    cache = tmp_path / "unedited"
+
+    def evaluate_copy(method: str, *more: str) -> dict:
+        args, workdir = trained(method)
+        copy = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        shutil.copytree(workdir, copy)
+        shutil.rmtree(copy / "evaluation", ignore_errors=True)  # evaluated afresh
+        cached = [f"--config.evaluation.unedited_cache={cache}", *more]
+        assert main([*args, f"--config.workdir={copy}", *cached], evaluate) == 0
+        capsys.readouterr()
+        return json.loads((copy / "summary.json").read_text())
+
+    first = evaluate_copy("ft")
+    (entry,) = cache.iterdir()
+    assert first["unedited"] == json.loads((entry / "summary.json").read_text())
+    planted = first["unedited"] | {"planted": 1.0}
+    (entry / "summary.json").write_text(json.dumps(planted))
+    second = evaluate_copy("alphaedit")
+    assert second["unedited"] == planted
+    assert second["alphaedit"] != first["ft"]  # the edited rows are each editor's own
+    other = evaluate_copy("ft", "--config.evaluation.match_rule=startswith")
+    assert "planted" not in other["unedited"] and len(list(cache.iterdir())) == 2
 
 
 def test_a_meg_stage_is_refused_for_a_baseline_editor(tiny_host, tmp_path, capsys):

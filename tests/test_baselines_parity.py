@@ -348,3 +348,36 @@ def test_target_deltas_respect_the_clamp(tmp_path):
     h = residual_at(config, params, bare, LAYERS[-1])
     norms = np.linalg.norm(zs - h, axis=1) / np.linalg.norm(h, axis=1)
     np.testing.assert_allclose(norms, 0.3, rtol=1e-4)  # lr 0.5 runs into the clamp
+
+
+def test_targets_are_cached_for_the_same_rows_only(tmp_path):
+    """MEMIT's and AlphaEdit's first batch fit the same targets: `fitted_targets` writes them
+    once, reads them back for the same host tag, layer, settings and rows, and fits again when
+    any of these differ or no cache is given."""
+    from meg_jax.baselines.run import fitted_targets
+
+    _, config, params, rows, _, _ = _setup(tmp_path, "gptj")
+    cfg = TargetConfig(lr=0.5, steps=2, kl_factor=0.0, weight_decay=0.0)
+    kl = rows.select([0, 1])  # any rows: part of what the key hashes
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def fit(rows=rows, cfg=cfg, tag="host", cache=cache):
+        return fitted_targets(config, params, rows, kl, N_EDITS, LAYERS[-1], cfg, cache, tag)
+
+    zs, first = fit()
+    assert not first["from_cache"] and first["seconds"] > 0
+    assert len(list(cache.glob("targets-*.npz"))) == 1
+    again, second = fit()
+    assert second["from_cache"] and second["seconds"] == first["seconds"]
+    assert second["target_nll_mean"] == first["target_nll_mean"]
+    np.testing.assert_array_equal(again, zs)
+    shifted = dataclasses.replace(rows, pos=tuple(p - 1 for p in rows.pos))
+    for changed in (
+        fit(rows=shifted),
+        fit(cfg=dataclasses.replace(cfg, steps=3)),
+        fit(tag="other host"),
+        fit(cache=None),
+    ):
+        assert not changed[1]["from_cache"]
+    assert len(list(cache.glob("targets-*.npz"))) == 4

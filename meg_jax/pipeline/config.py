@@ -220,6 +220,9 @@ class EvaluationStageConfig(EvalConfig):
     edits: str = ""
     n_edits: int = 0  # with `edits`: how many of its records (0: as many as data.n_edits)
     unrelated: str = ""
+    # A folder where the unedited model's readings are kept for other work directories with
+    # the same host, template, edits and settings ("": none; `UneditedCache`).
+    unedited_cache: str = ""
     retrain: bool = False
 
 

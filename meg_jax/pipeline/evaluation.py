@@ -11,6 +11,7 @@ inputs are simply evaluated again.
 """
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from meg_jax.evaluation.evaluator import (
 from meg_jax.evaluation.report import format_comparison, format_routing, write_report
 from meg_jax.inference.editor import Editor, MeGEditor, zero_editor
 from meg_jax.inference.runner import ModelRunner
-from meg_jax.infra.files import write_json_atomic
+from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
 from meg_jax.infra.fingerprint import StageInputs, digest, file_digest
 from meg_jax.models.neuron import Neuron, unflatten_neuron
 from meg_jax.pipeline.context import RunContext, log
@@ -189,6 +190,60 @@ def bank_neuron_readings(
     return rows, fields
 
 
+def _evaluate(ctx: RunContext, runner, records, labels, editor, loc_reference="own"):
+    """(per-record rows, summary) of one model: MeG's readings, and the classic ones if asked."""
+    e = ctx.cfg.evaluation
+    rows, summary = evaluate_meg(
+        runner, records, ctx.template, editor, labels, e, loc_reference=loc_reference
+    )
+    if e.classic:
+        summary["classic"] = evaluate_classic(runner, records, editor, ctx.cfg.data.kind)
+    return rows, summary
+
+
+@dataclasses.dataclass(frozen=True)
+class UneditedCache:
+    """The unedited model's evaluation kept in `evaluation.unedited_cache` for other work
+    directories: every editor evaluated on the same edits (the baselines and MeG, MeG's seeds)
+    compares with the same unedited readings, computed once. `folder` is named by a digest of
+    all they depend on: the host and how it is run, the template, the evaluated records and
+    their locality labels, the data kind and the evaluator's settings."""
+
+    folder: Path
+
+    def read(self) -> tuple[list[dict] | None, dict | None]:
+        summary_path = self.folder / "summary.json"  # written last: present means complete
+        if not summary_path.is_file():
+            return None, None
+        lines = (self.folder / "examples.jsonl").read_text(encoding="utf-8").splitlines()
+        log.info("evaluation: the unedited model's readings read from %s", self.folder)
+        return [json.loads(line) for line in lines], json.loads(summary_path.read_text())
+
+    def write(self, rows: list[dict], summary: dict) -> None:
+        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        write_bytes_atomic(self.folder / "examples.jsonl", lines.encode("utf-8"))
+        write_json_atomic(self.folder / "summary.json", summary)
+
+
+def unedited_cache(ctx: RunContext, evaluated: EditSet, labels) -> UneditedCache | None:
+    """The cache entry of this evaluation's unedited model; None without a cache folder."""
+    e = ctx.cfg.evaluation
+    if not e.unedited_cache:
+        return None
+    settings = dataclasses.asdict(e)
+    for where in ("retrain", "unedited_cache", "edits", "n_edits", "unrelated"):
+        settings.pop(where)  # a flag, a location, and what `items` and `labels` already say
+    key = {
+        "host": ctx.host_id,
+        "template": dataclasses.asdict(ctx.template),
+        "kind": ctx.cfg.data.kind,
+        "items": evaluated.items,
+        "labels": labels,
+        "evaluation": settings,
+    }
+    return UneditedCache(Path(e.unedited_cache) / f"unedited-{digest(key)[:16]}")
+
+
 def run_evaluation_stage(
     ctx: RunContext, edits: EditSet, lineages: dict, edited: EditorUnderTest
 ) -> dict:
@@ -196,7 +251,8 @@ def run_evaluation_stage(
     e = ctx.cfg.evaluation
     evaluated, source = evaluated_edits(ctx, edits)
     config = dataclasses.asdict(e)
-    config.pop("retrain")
+    for where in ("retrain", "unedited_cache"):  # a flag and a location: not inputs
+        config.pop(where)
     if not e.all_prompts:  # absent unless set: earlier work directories keep their inputs
         config.pop("all_prompts")
     inputs = StageInputs(
@@ -229,31 +285,30 @@ def run_evaluation_stage(
         if e.all_prompts:  # a label per locality prompt, the first one as above
             labels = every_locality_label(ctx, records, labels)
             check_locality_labels([a for r in labels for a in r], source, e.max_empty_labels)
-    summaries, reference = {}, "own"
-    models = (
-        (UNEDITED[0], zero_editor(host.config.d_model), runner),
-        (edited.name, editor, edited_runner),
-    )
-    for name, edit_fn, model in models:
-        rows, summary = evaluate_meg(
-            model, records, ctx.template, edit_fn, labels, e, loc_reference=reference
-        )
-        # Loc TF on the unedited model's own tokens: its generation is the reference.
-        reference = loc_references(rows, e.all_prompts)
-        if e.classic:
-            summary["classic"] = evaluate_classic(model, records, edit_fn, ctx.cfg.data.kind)
-        if isinstance(edit_fn, MeGEditor):  # routing is MeG's own reading
-            routed = _routed(editor, rows)
-            summary["routed"] = {k: float(v.mean()) for k, v in routed.items() if v.size}
-            bank_rows, bank_fields = bank_neuron_readings(ctx, runner, records, e)
-            summary.update(bank_fields)
-            summary["routing"] = routing_breakdown(rows, routed, bank_rows)
-            summary["non_finite_neurons"] = editor.non_finite
-            if e.unrelated:
-                prompts = [r.prompt for r in read_records(e.unrelated)]
-                summary["unrelated_routed"] = float(np.mean(editor.routed(prompts)))
-        write_report(stage.folder / name, rows, summary, f"{edited.rows[name]}: {source}")
-        summaries[name] = summary
+    summaries = {}
+    cache = unedited_cache(ctx, evaluated, labels)
+    rows, summary = cache.read() if cache else (None, None)
+    if rows is None:
+        rows, summary = _evaluate(ctx, runner, records, labels, zero_editor(host.config.d_model))
+        if cache:
+            cache.write(rows, summary)
+    write_report(stage.folder / UNEDITED[0], rows, summary, f"{UNEDITED[1]}: {source}")
+    summaries[UNEDITED[0]] = summary
+    # Loc TF on the unedited model's own tokens: its generation is the reference.
+    reference = loc_references(rows, e.all_prompts)
+    rows, summary = _evaluate(ctx, edited_runner, records, labels, editor, reference)
+    if isinstance(editor, MeGEditor):  # routing is MeG's own reading
+        routed = _routed(editor, rows)
+        summary["routed"] = {k: float(v.mean()) for k, v in routed.items() if v.size}
+        bank_rows, bank_fields = bank_neuron_readings(ctx, runner, records, e)
+        summary.update(bank_fields)
+        summary["routing"] = routing_breakdown(rows, routed, bank_rows)
+        summary["non_finite_neurons"] = editor.non_finite
+        if e.unrelated:
+            prompts = [r.prompt for r in read_records(e.unrelated)]
+            summary["unrelated_routed"] = float(np.mean(editor.routed(prompts)))
+    write_report(stage.folder / edited.name, rows, summary, f"{edited.rows[edited.name]}: {source}")
+    summaries[edited.name] = summary
     write_json_atomic(ctx.workdir / "summary.json", summaries)
     stage.finish(summaries, f"Score {summaries[edited.name].get('score', float('nan')):.2f}")
     print(format_comparison(summaries, edited.rows))
