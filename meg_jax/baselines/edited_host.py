@@ -266,6 +266,20 @@ def gather_rows(x: jnp.ndarray, pos: jnp.ndarray) -> jnp.ndarray:
 # ---- host-side helpers ---------------------------------------------------------------------------
 
 
+def on_params_mesh(x, params):
+    """`x` replicated on the mesh `params` live on (`x` as is when they have none).
+
+    A loop that feeds a compiled step's output back into it (Adam on MEMIT's deltas) must give
+    the first call the sharding the step returns: a fresh array has none, the output has the
+    mesh's, and the second call would compile the whole program again (15-35 s on SmolLM2).
+    """
+    sharding = jax.tree.leaves(params)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(x, replicated)
+    return x
+
+
 def row_batches(n: int, batch: int):
     for start in range(0, n, batch):
         yield list(range(start, min(n, start + batch)))

@@ -33,6 +33,7 @@ from meg_jax.baselines.edited_host import (
     EditRows,
     gather_rows,
     mean_keys,
+    on_params_mesh,
     out_kernel,
     residual_at,
     row_batches,
@@ -144,7 +145,7 @@ def optimize_targets(
                 config, params, k_suffix, zero, jnp.zeros_like(k_suffix.positions), start
             )
             kl_part = (k_suffix, ref[:, 0])
-        delta = jnp.zeros((len(edits), config.d_model), suffix.h.dtype)
+        delta = on_params_mesh(jnp.zeros((len(edits), config.d_model), suffix.h.dtype), params)
         opt = optax.adam(cfg.lr)
         opt_state = opt.init(delta)
         max_norm = cfg.clamp_norm_factor * hp["h_norm"][:, None]
