@@ -71,6 +71,9 @@ def test_two_seeds_two_runs_and_the_aggregate_is_numpy_mean_and_sample_std(seede
         workdir = seed_workdir(root, seed)
         assert json.loads((workdir / "config.json").read_text())["seed"] == seed
         summaries.append(json.loads((workdir / "summary.json").read_text()))
+    # The unedited model was evaluated once (seed 0) and read back by seed 1.
+    assert len(list((root / "unedited").iterdir())) == 1
+    assert summaries[0]["unedited"] == summaries[1]["unedited"]
     written = json.loads((root / "seeds.json").read_text())
     assert (root / "seeds.png").stat().st_size > 0
     readings = written["readings"]

@@ -26,7 +26,9 @@ only taken when the settings its stage reads (`STAGE_READS`, whole config sectio
 towards not sharing) are equal to the run's, and when the run's record, if any, is the same stage
 on a subset of the donor's edits. Copying rather than pointing `collect.bank` at the first seed's
 bank keeps every seed directory an ordinary, self-contained work directory with the same
-collection lineage, which can also be extended with more edits later.
+collection lineage, which can also be extended with more edits later. The unedited model is
+the same in every seed: it is evaluated once, by the first seed, and read by the others
+(`evaluation.unedited_cache`, `<workdir>/unedited` unless the config names another folder).
 """
 
 import copy
@@ -60,12 +62,15 @@ STD_KIND = "sample standard deviation (ddof=1), the paper's ± over its runs; nu
 # taken. Left out: fields the stage provably ignores (the pseudo-edits for the edit set and the
 # bank; `n_edits` for the encoder, whose pseudo split does not move with it, and for the bank,
 # which is prefix-stable and extended, see `_compatible`).
+# The unedited evaluation's cache is a location (`run_seeds` sets one per call).
 _PSEUDO = ("data.pseudo", "data.n_pseudo_pairs", "data.n_val_pairs", "data.n_calibration")
+_WHERE = ("evaluation.unedited_cache",)
 STAGE_READS = {
-    "edits": (("editor", "host", "data", "evaluation"), _PSEUDO),
+    "edits": (("editor", "host", "data", "evaluation"), (*_PSEUDO, *_WHERE)),
     "encoder": (("seed", "editor", "host", "encoder", "data", "router.calibrate"),
                 ("data.n_edits",)),
-    "collect": (("editor", "host", "collect", "data", "evaluation"), (*_PSEUDO, "data.n_edits")),
+    "collect": (("editor", "host", "collect", "data", "evaluation"),
+                (*_PSEUDO, *_WHERE, "data.n_edits")),
 }  # fmt: skip
 ADOPTED = "adopted.json"  # per seed directory: which stages came from which donor
 
@@ -316,6 +321,9 @@ def run_seeds(cfg: PipelineConfig, seeds: Sequence[int], donors: Iterable[Path] 
     if cfg.stage not in ("all", "evaluation"):
         raise ValueError(f"run_seeds: stage {cfg.stage!r}: seeds need the evaluation's readings")
     root, donors, runs, summaries = Path(cfg.workdir), list(donors), [], []
+    if not cfg.evaluation.unedited_cache:  # evaluated by the first seed, read by the others
+        shared = dataclasses.replace(cfg.evaluation, unedited_cache=str(root / "unedited"))
+        cfg = dataclasses.replace(cfg, evaluation=shared)
     for seed in seeds:
         scfg = seed_config(cfg, seed)
         workdir = Path(scfg.workdir)
