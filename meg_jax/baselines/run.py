@@ -13,7 +13,6 @@ targets (`targets_from_cache` says which batches were read, `wall_seconds` what 
 
 import dataclasses
 import hashlib
-import io
 import json
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from meg_jax.baselines.edited_host import row_batches
 from meg_jax.baselines.ft import FTConfig, fine_tune
 from meg_jax.baselines.memit import MemitConfig, memit, optimize_targets
 from meg_jax.baselines.requests import edit_rows, kl_rows, text_edits
-from meg_jax.baselines.stats import StatsConfig, key_moments
+from meg_jax.baselines.stats import StatsConfig, key_moments, npz_bytes
 from meg_jax.data.templates import PromptTemplate
 from meg_jax.inference.runner import ModelRunner
 from meg_jax.infra.config import dataclass_from_dict
@@ -121,9 +120,8 @@ def fitted_targets(
     zs, fit = optimize_targets(config, params, rows, kl, n_edits, layer, cfg)
     fit |= {"seconds": time.perf_counter() - start, "from_cache": False}
     if path is not None:
-        buffer = io.BytesIO()
-        np.savez(buffer, zs=zs, nll=fit["target_nll_mean"], seconds=fit["seconds"])
-        write_bytes_atomic(path, buffer.getvalue())
+        npz = npz_bytes(zs=zs, nll=fit["target_nll_mean"], seconds=fit["seconds"])
+        write_bytes_atomic(path, npz)
     return zs, fit
 
 

@@ -119,7 +119,8 @@ def _batch_moment(config: LMConfig, params, ids, mask, layers: tuple[int, ...]):
     return jnp.einsum("lbtf,lbtg->lfg", keys, keys)
 
 
-def _npz(**arrays) -> bytes:
+def npz_bytes(**arrays) -> bytes:
+    """An .npz file's bytes (written atomically by the caller)."""
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()
@@ -160,7 +161,7 @@ def key_moments(
             state = {"sum": data["sum"], "count": int(data["count"]), "done": int(data["done"])}
 
     def save(s):
-        write_bytes_atomic(partial, _npz(sum=s["sum"], count=s["count"], done=s["done"]))
+        write_bytes_atomic(partial, npz_bytes(sum=s["sum"], count=s["count"], done=s["done"]))
 
     sequences = token_rows(tokenizer, corpus_texts(cfg), cfg.max_tokens)
     state = accumulate(
@@ -180,7 +181,7 @@ def key_moments(
         if folder is not None:
             write_bytes_atomic(
                 folder / f"moments-{key}-layer{layer}.npz",
-                _npz(moment=moment, count=state["count"], texts=state["done"]),
+                npz_bytes(moment=moment, count=state["count"], texts=state["done"]),
             )
     if partial is not None:
         partial.unlink(missing_ok=True)

@@ -58,13 +58,18 @@ def plot_six(summary: dict, path: Path, title: str) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
-def write_report(out_dir, rows: Sequence[dict], summary: dict, title: str) -> str:
-    """Writes examples.jsonl, summary.json and metrics.png under `out_dir`; returns the table."""
+def write_examples(out_dir, rows: Sequence[dict], summary: dict) -> None:
+    """Writes examples.jsonl (a row per record), then summary.json, under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     write_bytes_atomic(out_dir / "examples.jsonl", lines.encode("utf-8"))
     write_json_atomic(out_dir / "summary.json", summary)
+
+
+def write_report(out_dir, rows: Sequence[dict], summary: dict, title: str) -> str:
+    """Writes examples.jsonl, summary.json and metrics.png under `out_dir`; returns the table."""
+    write_examples(out_dir, rows, summary)
     plot_six(summary, out_dir / "metrics.png", title)
     return format_table(summary, title)
 

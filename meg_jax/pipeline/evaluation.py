@@ -29,10 +29,15 @@ from meg_jax.evaluation.evaluator import (
     kind_entries,
     loc_references,
 )
-from meg_jax.evaluation.report import format_comparison, format_routing, write_report
+from meg_jax.evaluation.report import (
+    format_comparison,
+    format_routing,
+    write_examples,
+    write_report,
+)
 from meg_jax.inference.editor import Editor, MeGEditor, zero_editor
 from meg_jax.inference.runner import ModelRunner
-from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
+from meg_jax.infra.files import write_json_atomic
 from meg_jax.infra.fingerprint import StageInputs, digest, file_digest
 from meg_jax.models.neuron import Neuron, unflatten_neuron
 from meg_jax.pipeline.context import RunContext, log
@@ -220,9 +225,7 @@ class UneditedCache:
         return [json.loads(line) for line in lines], json.loads(summary_path.read_text())
 
     def write(self, rows: list[dict], summary: dict) -> None:
-        lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        write_bytes_atomic(self.folder / "examples.jsonl", lines.encode("utf-8"))
-        write_json_atomic(self.folder / "summary.json", summary)
+        write_examples(self.folder, rows, summary)
 
 
 def unedited_cache(ctx: RunContext, evaluated: EditSet, labels) -> UneditedCache | None:
