@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from meg_jax.infra.sharding import replicated
 from meg_jax.models.block import Attention
 from meg_jax.models.config import LMConfig
 from meg_jax.models.decoder import Decoder, DecoderCache, default_positions, init_cache
@@ -275,8 +276,7 @@ def on_params_mesh(x, params):
     """
     sharding = jax.tree.leaves(params)[0].sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
-        replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-        return jax.device_put(x, replicated)
+        return jax.device_put(x, replicated(sharding.mesh))
     return x
 
 
