@@ -12,8 +12,6 @@ targets (`targets_from_cache` says which batches were read, `wall_seconds` what 
 """
 
 import dataclasses
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from meg_jax.data.templates import PromptTemplate
 from meg_jax.inference.runner import ModelRunner
 from meg_jax.infra.config import dataclass_from_dict
 from meg_jax.infra.files import write_bytes_atomic
+from meg_jax.infra.fingerprint import digest
 from meg_jax.models.neuron import Neuron
 
 METHODS = ("ft", "memit", "alphaedit")
@@ -106,12 +105,10 @@ def fitted_targets(
     """(z [E, D], fit statistics with "seconds" and "from_cache") of `optimize_targets`, read
     from `cache` when a run with the same `tag` (host id), layer, settings and rows fitted them;
     `cache=None` always fits (the host is no longer the unedited one)."""
-    material = json.dumps(
-        [tag, layer, dataclasses.asdict(cfg), dataclasses.astuple(rows), dataclasses.astuple(kl)]
-    )
     path = None
     if cache is not None:
-        path = cache / f"targets-{hashlib.sha256(material.encode()).hexdigest()[:16]}.npz"
+        material = [tag, layer, cfg, dataclasses.astuple(rows), dataclasses.astuple(kl)]
+        path = cache / f"targets-{digest(material)[:16]}.npz"
         if path.is_file():
             with np.load(path) as data:
                 fit = {"target_nll_mean": float(data["nll"]), "seconds": float(data["seconds"])}

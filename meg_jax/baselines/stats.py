@@ -22,7 +22,6 @@ atomically, so a partial file never passes for a finished one.
 
 import dataclasses
 import functools
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm.auto import tqdm
 
 from meg_jax.baselines.edited_host import EditRows, keys_at_layers
 from meg_jax.infra.files import write_bytes_atomic
+from meg_jax.infra.fingerprint import digest
 from meg_jax.models.config import LMConfig
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -138,8 +138,7 @@ def key_moments(
     """{layer: C_l [F, F] float64}: loaded from `cache_dir`, or computed (resuming any partial
     run there) and cached. `host_id` names the weights; it is part of the cache key."""
     layers = tuple(sorted(layers))
-    tag = json.dumps([host_id, dataclasses.asdict(cfg) | {"data_dir": ""}], sort_keys=True)
-    key = hashlib.sha256(tag.encode()).hexdigest()[:16]
+    key = digest([host_id, dataclasses.asdict(cfg) | {"data_dir": ""}])[:16]
     folder = None if cache_dir is None else Path(cache_dir)
     out, todo = {}, []
     for layer in layers:
