@@ -33,8 +33,10 @@ cells (`run_seeds(donors=...)`): the edit set and the bank for every configurati
 256-edit bank is extended to 1,024, not refitted), the encoder per seed across configurations
 and sizes.
 
-bench/results/quality.json: `score` (configuration a, CounterFact-1024, mean over seeds; null
-with `score_note` when that cell was not run), `score_best` (configuration c, the same),
+bench/results/quality.json holds this invocation's cells and keeps every other cell the file
+already had (each with the date and machine it was measured on), so cells can be measured on
+different days: `score` (configuration a, CounterFact-1024, mean over seeds; null with
+`score_note` when no run has that cell), `score_best` (configuration c, the same),
 `empty_label_share` (the largest fraction over all runs), `targets`, `cells`, and quality.png
 (mean ± std per reading and cell). `--smoke` runs a tiny random host (tests/tiny_run.py) through
 the same code in seconds per run and writes `<workdir>/quality_smoke.json` instead.
@@ -290,9 +292,22 @@ def summary(args, cells: dict, planned: list[str]) -> dict:
     }
     for key, label in (("score", "cf-1024/a"), ("score_best", "cf-1024/c")):
         if out[key] is None:
-            why = cells.get(label, {}).get("error", "not run in this invocation")
+            why = cells.get(label, {}).get("error", "not measured yet")
             out[f"{key}_note"] = f"{label}: {why}"
     return out
+
+
+def earlier_cells(path: Path) -> dict:
+    """The cells of the results file at `path` (the committed one in a fresh clone), each
+    stamped with that file's date and machine unless it records its own: kept beside this
+    invocation's cells, so a run of some cells (say CounterFact-1024 on another day) does not
+    drop the others. A cell run now replaces its earlier reading."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text(encoding="utf-8"))
+    stamp = {"date": old.get("date"), "machine": old.get("machine")}
+    cells = old.get("cells", {})
+    return {label: {**stamp, **cell} for label, cell in cells.items() if "error" not in cell}
 
 
 def format_table(cells: dict) -> str:
@@ -358,26 +373,27 @@ def main(argv=None):
     plan = [("cf", n, args.configs) for n in args.n]
     if args.zsre is not None and not args.smoke:
         plan.append(("zsre", 256, args.zsre))
+    out = args.workdir / "quality_smoke.json" if args.smoke else RESULTS / "quality.json"
+    earlier = earlier_cells(out)
     cells, planned = {}, []
-    result = summary(args, cells, planned)
+    result = summary(args, {**earlier, **cells}, planned)
     for dataset, n, names in plan:
         for name in names:
             label = f"{dataset}-{n}/{name}"
-            planned.append(label)
             if name == "c" and not setups["c"]["overrides"] and not setups["c"]["variant"]:
-                cells[label] = {"cell": label, "error": "no best configuration named (--best)"}
+                print(f"== {label}: not run, no best configuration named (--best)")
                 continue
+            planned.append(label)
             print(f"== {label}")
             cells[label] = run_cell(args, base_file, dataset, n, name, setups[name])
-            result = summary(args, cells, planned)
+            result = summary(args, {**earlier, **cells}, planned)
+            # After every cell: an interrupted bench shows what it has, "complete": false.
             if args.smoke:
-                write_json_atomic(args.workdir / "quality_smoke.json", result)
-                plot(cells, args.workdir / "quality_smoke.png")
+                write_json_atomic(out, result)
             else:
-                write_result("quality", result)  # after every cell: an interrupted bench shows
-                plot(cells, RESULTS / "quality.png")  # what it has, marked "complete": false
-    print(format_table(cells))
-    out = args.workdir / "quality_smoke.json" if args.smoke else RESULTS / "quality.json"
+                write_result("quality", result)
+            plot(result["cells"], out.with_suffix(".png"))
+    print(format_table(result["cells"]))
     print(f"score (a, CF-1024) {result['score']}, best (c) {result['score_best']}; {out}")
 
 
