@@ -178,13 +178,10 @@ def main() -> None:
         runs.setdefault(method, {}).setdefault(n, json.loads(out.read_text()))
     # Then those the committed results hold (a fresh clone has no work directory), each with
     # the date and machine of the file it was measured for unless it records its own.
-    committed = common.RESULTS / "baselines.json"
-    if committed.is_file():
-        old = json.loads(committed.read_text())
-        stamp = {"date": old.get("date"), "machine": old.get("machine")}
-        for method, m in {**old.get("methods", {}), "unedited": old.get("unedited") or {}}.items():
-            for n, run in m.get("runs", {}).items():
-                runs.setdefault(method, {}).setdefault(n, {**stamp, **run})
+    old, stamp = common.earlier_result(common.RESULTS / "baselines.json")
+    for method, m in {**old.get("methods", {}), "unedited": old.get("unedited") or {}}.items():
+        for n, run in m.get("runs", {}).items():
+            runs.setdefault(method, {}).setdefault(n, {**stamp, **run})
     for item in args.meg:
         n, _, workdir = item.partition("=")
         runs.setdefault("meg", {})[n] = meg_run(Path(workdir))

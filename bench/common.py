@@ -92,3 +92,15 @@ def write_result(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, result)
     return path
+
+
+def earlier_result(path: Path) -> tuple[dict, dict]:
+    """(the results file at `path`, {} when there is none; its {"date", "machine"}): for a
+    bench that keeps what an earlier run measured, each kept entry stamped with that stamp
+    unless it records its own when and where."""
+    if not path.is_file():
+        return {}, {}
+    import json
+
+    old = json.loads(path.read_text(encoding="utf-8"))
+    return old, {"date": old.get("date"), "machine": old.get("machine")}

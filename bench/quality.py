@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, SHARED, write_result
+from common import REPO, RESULTS, SHARED, earlier_result, write_result
 
 from meg_jax.evaluation.evaluator import SIX
 from meg_jax.infra.files import write_bytes_atomic, write_json_atomic
@@ -302,10 +302,7 @@ def earlier_cells(path: Path) -> dict:
     stamped with that file's date and machine unless it records its own: kept beside this
     invocation's cells, so a run of some cells (say CounterFact-1024 on another day) does not
     drop the others. A cell run now replaces its earlier reading."""
-    if not path.is_file():
-        return {}
-    old = json.loads(path.read_text(encoding="utf-8"))
-    stamp = {"date": old.get("date"), "machine": old.get("machine")}
+    old, stamp = earlier_result(path)
     cells = old.get("cells", {})
     return {label: {**stamp, **cell} for label, cell in cells.items() if "error" not in cell}
 
