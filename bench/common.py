@@ -1,6 +1,7 @@
 """What every benchmark shares: the machine description, timing, and the atomic JSON result."""
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -100,7 +101,5 @@ def earlier_result(path: Path) -> tuple[dict, dict]:
     unless it records its own when and where."""
     if not path.is_file():
         return {}, {}
-    import json
-
     old = json.loads(path.read_text(encoding="utf-8"))
     return old, {"date": old.get("date"), "machine": old.get("machine")}
