@@ -22,11 +22,11 @@ from meg_jax.baselines.edited_host import row_batches
 from meg_jax.baselines.ft import FTConfig, fine_tune
 from meg_jax.baselines.memit import MemitConfig, memit, optimize_targets
 from meg_jax.baselines.requests import edit_rows, kl_rows, text_edits
-from meg_jax.baselines.stats import StatsConfig, key_moments, npz_bytes
+from meg_jax.baselines.stats import StatsConfig, key_moments
 from meg_jax.data.templates import PromptTemplate
 from meg_jax.inference.runner import ModelRunner
 from meg_jax.infra.config import dataclass_from_dict
-from meg_jax.infra.files import write_bytes_atomic
+from meg_jax.infra.files import write_npz_atomic
 from meg_jax.infra.fingerprint import digest
 from meg_jax.models.neuron import Neuron
 
@@ -117,8 +117,7 @@ def fitted_targets(
     zs, fit = optimize_targets(config, params, rows, kl, n_edits, layer, cfg)
     fit |= {"seconds": time.perf_counter() - start, "from_cache": False}
     if path is not None:
-        npz = npz_bytes(zs=zs, nll=fit["target_nll_mean"], seconds=fit["seconds"])
-        write_bytes_atomic(path, npz)
+        write_npz_atomic(path, zs=zs, nll=fit["target_nll_mean"], seconds=fit["seconds"])
     return zs, fit
 
 

@@ -22,7 +22,6 @@ atomically, so a partial file never passes for a finished one.
 
 import dataclasses
 import functools
-import io
 import json
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from meg_jax.baselines.edited_host import EditRows, keys_at_layers
-from meg_jax.infra.files import write_bytes_atomic
+from meg_jax.infra.files import write_npz_atomic
 from meg_jax.infra.fingerprint import digest
 from meg_jax.models.config import LMConfig
 
@@ -119,13 +118,6 @@ def _batch_moment(config: LMConfig, params, ids, mask, layers: tuple[int, ...]):
     return jnp.einsum("lbtf,lbtg->lfg", keys, keys)
 
 
-def npz_bytes(**arrays) -> bytes:
-    """An .npz file's bytes (written atomically by the caller)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
 def key_moments(
     config: LMConfig,
     params,
@@ -160,7 +152,7 @@ def key_moments(
             state = {"sum": data["sum"], "count": int(data["count"]), "done": int(data["done"])}
 
     def save(s):
-        write_bytes_atomic(partial, npz_bytes(sum=s["sum"], count=s["count"], done=s["done"]))
+        write_npz_atomic(partial, sum=s["sum"], count=s["count"], done=s["done"])
 
     sequences = token_rows(tokenizer, corpus_texts(cfg), cfg.max_tokens)
     state = accumulate(
@@ -178,10 +170,8 @@ def key_moments(
         moment = state["sum"][i] / max(state["count"], 1)
         out[layer] = moment
         if folder is not None:
-            write_bytes_atomic(
-                folder / f"moments-{key}-layer{layer}.npz",
-                npz_bytes(moment=moment, count=state["count"], texts=state["done"]),
-            )
+            path = folder / f"moments-{key}-layer{layer}.npz"
+            write_npz_atomic(path, moment=moment, count=state["count"], texts=state["done"])
     if partial is not None:
         partial.unlink(missing_ok=True)
     return out

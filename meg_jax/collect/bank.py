@@ -8,14 +8,13 @@ and `init [P]` (the shared initial neuron every fit started from).
 """
 
 import dataclasses
-import io
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from meg_jax.infra.files import write_bytes_atomic
+from meg_jax.infra.files import write_npz_atomic
 
 _FIELDS = ("case_id", "weights", "success", "final_loss", "init")
 
@@ -71,9 +70,7 @@ class WeightBank:
 
 def save_bank(bank: WeightBank, path) -> None:
     """Writes `bank` to `path` (.npz) atomically: a crash never leaves a half-written bank."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **{name: getattr(bank, name) for name in _FIELDS})
-    write_bytes_atomic(path, buffer.getvalue())
+    write_npz_atomic(path, **{name: getattr(bank, name) for name in _FIELDS})
 
 
 def load_bank(path) -> WeightBank:

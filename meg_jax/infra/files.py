@@ -11,11 +11,14 @@ a slower process than for process 0, and the two would take different paths). A 
 program took another path (another file name at this point) fails the barrier instead.
 """
 
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from meg_jax.infra.distributed import barrier, is_main_process
 
@@ -33,6 +36,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     if is_main_process():
         _write(path, data)
     barrier(f"write {path}")
+
+
+def write_npz_atomic(path: str | os.PathLike, **arrays) -> None:
+    """`np.savez(path, **arrays)` through `write_bytes_atomic` (collective in the same way)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def _write(path: Path, data: bytes) -> None:
