@@ -16,9 +16,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent XLA compilation cache for the whole run: the xdist workers and every process a
 # test starts (`python -m meg_jax.train`, fake-device runs) inherit this environment, so a tiny
 # pipeline program compiled once is loaded, not compiled again, by the next process or by the
-# next file after `_release_compiled_programs` below (a full `-n 2` run: 28.6 min without, 27.0
-# with; with -O0 below as well, 24.8). Programs of another topology (two processes) miss it.
-# A new folder per run (set in the controller before the workers start); removed at the end.
+# other worker (a full `-n 2` run: 28.6 min without, 27.0 with; with -O0 below as well, 24.8).
+# Programs of another topology (two processes) miss it. A new folder per run (set in the
+# controller before the workers start); removed at the end.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="meg_jax_test_xla_cache_")
     os.environ["MEG_JAX_TEST_OWNS_XLA_CACHE"] = "1"
@@ -74,11 +74,38 @@ SLOW_FILES = {
 }
 
 
+# Files that build and run the same programs, run one after another by one worker, which keeps
+# what the first compiled and traced (see `_release_compiled_programs`): the tiny trained run
+# (tiny Llama, MiniLM, router, tiny DiT, the evaluator) and test_evaluator's tiny Llama runner.
+# Back to back in one process, with the programs dropped after each file and kept: the three
+# tiny-run files 240 s and 177 s, the three tiny-Llama-runner files 163 s and 148 s.
+SHARED_PROGRAMS = {
+    "test_pipeline.py": "tiny trained run",
+    "test_routing_breakdown.py": "tiny trained run",
+    "test_seeds.py": "tiny trained run",
+    "test_evaluator.py": "tiny Llama runner",
+    "test_all_prompts.py": "tiny Llama runner",
+    "test_locality_readings.py": "tiny Llama runner",
+}
+
+
+def _work_unit(file_name: str) -> str:
+    """What one xdist worker runs whole: a group of SHARED_PROGRAMS, else the file."""
+    return SHARED_PROGRAMS.get(file_name, file_name)
+
+
+def _unit_seconds(unit: str) -> int:
+    return sum(s for f, s in SLOW_FILES.items() if _work_unit(f) == unit)
+
+
+_GROUPED = pytest.StashKey[bool]()  # set when pytest_configure chose the scheduling below
+
+
 def pytest_configure(config):
-    """Under xdist (`-n 2`), whole files go to a worker, the slowest files first.
+    """Under xdist (`-n 2`), whole work units (`_work_unit`) go to a worker, the slowest first.
 
     A file's module-scoped fixtures (a trained tiny run, a loaded SmolLM2) are built once, not
-    once per worker that happens to get one of its tests; and starting the longest files first
+    once per worker that happens to get one of its tests; and starting the longest units first
     lets the two workers finish together instead of one waiting on a late long file. An explicit
     `--dist` is left as given.
     """
@@ -88,6 +115,22 @@ def pytest_configure(config):
     if getattr(config.option, "dist", "no") == "load" and not explicit:
         config.option.dist = "loadfile"
         config.option.loadscopereorder = False  # keep the order below, not "most tests first"
+        config.stash[_GROUPED] = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's file scheduling, with each group of SHARED_PROGRAMS as one unit."""
+    if not config.stash.get(_GROUPED, False):
+        return None  # xdist's own scheduler for the --dist given
+    from xdist.scheduler import LoadFileScheduling
+
+    class WorkUnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return _work_unit(Path(file).name)
+
+    return WorkUnitScheduling(config, log)
 
 
 def pytest_unconfigure(config):
@@ -97,26 +140,52 @@ def pytest_unconfigure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slowest files first (a stable sort: each file's tests stay together, in order)."""
-    items.sort(key=lambda item: -SLOW_FILES.get(item.path.name, 0))
+    """The slowest work units first (a stable sort: a unit's files, and each file's tests, stay
+    together and in order)."""
+    items.sort(
+        key=lambda item: (-_unit_seconds(_work_unit(item.path.name)), _work_unit(item.path.name))
+    )
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+def _memory_mappings() -> int | None:
+    """How many memory mappings this process holds; None where /proc does not say."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:
+        return None
+
+
+def _mapping_limit() -> int:
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return 65530  # Linux's default
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
-    """After each test file, drop every compiled program this process holds.
+    """After a test file, drop every compiled program this process holds once they fill half of
+    the kernel's limit on memory mappings; until then the next file reuses them.
 
     Each XLA:CPU executable keeps about a dozen memory mappings until it is freed. An xdist
     worker that kept every program of its files reached 65,464 mappings near the end of a full
     run, 66 short of the kernel's limit (vm.max_map_count, 65,530), past which a compile's mmap
     fails; two full runs (one in CI) lost a worker to a segmentation fault inside an XLA:CPU
-    compile at that stage of the suite. Torn down after the file's own module fixtures
-    (autouse fixtures are set up first), so nothing of the file is still in use.
+    compile at that stage of the suite. Dropping them after every file cost each file its own
+    tracing and compiling of programs the file before had (the persistent cache saves only the
+    backend compile): half the limit leaves a file room for thousands of programs. Torn down
+    after the file's own module fixtures (autouse fixtures are set up first), so nothing of the
+    file is still in use.
     """
     yield
+    mappings = _memory_mappings()
+    if mappings is not None and mappings < _mapping_limit() // 2:
+        return
     import jax  # here, not at the top: JAX_PLATFORMS is set above before jax is first imported
 
     jax.clear_caches()
