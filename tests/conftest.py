@@ -78,7 +78,9 @@ SLOW_FILES = {
 # what the first compiled and traced (see `_release_compiled_programs`): the tiny trained run
 # (tiny Llama, MiniLM, router, tiny DiT, the evaluator) and test_evaluator's tiny Llama runner.
 # Back to back in one process, with the programs dropped after each file and kept: the three
-# tiny-run files 240 s and 177 s, the three tiny-Llama-runner files 163 s and 148 s.
+# tiny-run files 240 s and 177 s, the three tiny-Llama-runner files 163 s and 148 s. A full
+# `-n 2` run on an idle 2-core machine: 1,296 s before this grouping and reuse, 1,131 and 1,120 s
+# with them.
 SHARED_PROGRAMS = {
     "test_pipeline.py": "tiny trained run",
     "test_routing_breakdown.py": "tiny trained run",
