@@ -144,9 +144,12 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
     """The slowest work units first (a stable sort: a unit's files, and each file's tests, stay
     together and in order)."""
-    items.sort(
-        key=lambda item: (-_unit_seconds(_work_unit(item.path.name)), _work_unit(item.path.name))
-    )
+
+    def order(item) -> tuple[int, str]:
+        unit = _work_unit(item.path.name)
+        return -_unit_seconds(unit), unit
+
+    items.sort(key=order)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
