@@ -172,6 +172,10 @@ def _mapping_limit() -> int:
         return 65530  # Linux's default
 
 
+# The mappings a worker may fill with compiled programs before it drops them (read once).
+MAPPING_BUDGET = _mapping_limit() // 2
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_compiled_programs():
     """After a test file, drop every compiled program this process holds once they fill half of
@@ -189,7 +193,7 @@ def _release_compiled_programs():
     """
     yield
     mappings = _memory_mappings()
-    if mappings is not None and mappings < _mapping_limit() // 2:
+    if mappings is not None and mappings < MAPPING_BUDGET:
         return
     import jax  # here, not at the top: JAX_PLATFORMS is set above before jax is first imported
 
