@@ -5,6 +5,7 @@ step sat beside it unused, and `*.orbax-checkpoint-tmp-*` folders of interrupted
 forever.
 """
 
+import gc
 import logging
 import shutil
 from pathlib import Path
@@ -18,6 +19,16 @@ from meg_jax.infra.runs import RestoreError, checkpoint_manager, restore_or, sav
 
 # Reading garbled files leaves tensorstore futures unawaited; the warnings are noise here.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@pytest.fixture(autouse=True)
+def _collect_unawaited_reads():
+    """The unawaited reads are freed after each test of this file, where the filter above
+    applies: left to the collector, they surfaced as the warning in whichever test of another
+    file ran next on the worker."""
+    yield
+    gc.collect()
+
 
 STATE = {"a": jnp.arange(4.0), "b": {"c": jnp.ones((2, 3))}}
 
