@@ -24,11 +24,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["MEG_JAX_TEST_OWNS_XLA_CACHE"] = "1"
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-# XLA:CPU's LLVM code generation at -O0 for every process of the run (HLO passes, hence fusion,
-# buffers and the memory plans, are unchanged): the suite's programs run on tiny shapes, where
-# compiling them costs far more than running them (-O0 took a compile-bound file from 90 s to
-# 71 s). Processes with fake devices add their device count to these (`xla_flags`).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+# Cheap XLA:CPU code generation for every process of the run: the suite's programs run on tiny
+# shapes, where compiling them costs far more than running them (the workers of a full run spend
+# about half their CPU time in XLA's backend compile, on some 2,300 distinct programs that the
+# persistent cache above cannot share: 65 hits). What a program computes is held to the suite's
+# own tolerances under these flags. LLVM at -O0 (a compile-bound file 90 -> 71 s); then XLA's
+# elemental IR emitters instead of its MLIR fusion emitters, LLVM's expensive passes off and one
+# codegen module per program: one tiny trained run in one process, backend compile 16.7 -> 7.1 s
+# and process CPU 51 -> 35 s; the execution-bound SmolLM2 fit, MEMIT and AlphaEdit tests alone
+# within +-12%; a full `-n 2` run on an idle 2-core machine 768 -> 577 s. XLA refuses a flag it
+# does not know: these are jaxlib 0.10's (pyproject pins jax <0.11). Processes with fake devices
+# add their device count to these (`xla_flags`).
+TEST_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    " --xla_llvm_disable_expensive_passes=true --xla_cpu_parallel_codegen_split_count=1"
+)
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit it
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 

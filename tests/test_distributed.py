@@ -1,9 +1,10 @@
 """Multi-process runs: launch detection, and two local CPU processes equal one process.
 
-Two levels: a toy sharded program, and the whole MeG pipeline (every stage, then evaluation) on
-the tiny run of tests/tiny_run.py, as `python -m meg_jax.train` in two processes of one CPU
-device each against one process of two devices: the same global ("data" 2 x "model" 1) mesh, so
-the same compiled programs, only the transport of the collectives differs.
+Two levels: a toy sharded program, and the whole MeG pipeline (every stage, weight collection
+fitted for real, then evaluation; then collection resumed) on the tiny run of tests/tiny_run.py,
+as `python -m meg_jax.train` in two processes of one CPU device each against one process of two
+devices: the same global ("data" 2 x "model" 1) mesh, so the same compiled programs, only the
+transport of the collectives differs.
 """
 
 import json
@@ -187,29 +188,61 @@ def test_detect_launch_errors(env, message):
         detect_launch(env)
 
 
-# The whole pipeline, two processes against one. Every stage of tests/tiny_run.py, with fewer
-# steps (each stage still saves and resumes through orbax twice): seconds of compute each, so the
-# run is dominated by start-up and compilation.
+# The whole pipeline, two processes against one. Every stage of tests/tiny_run.py with fewer
+# steps (each stage still saves and resumes through orbax twice), and weight collection fitted for
+# real instead of the given bank, on a host that one neuron can move (`_fittable_llama`): seconds
+# of compute each, so the run is dominated by start-up and compilation.
 N_EDITS = 6
 QUICKER = {
     "encoder": {"infonce": {"num_steps": 2, "eval_every": 1, "batch_size": 32}},
     "router": {"train": {"num_epochs": 6, "batch_size": 32, "save_every": 3}},
     "generator": {"overrides": {"train": {"num_steps": 8, "eval_every": 4, "checkpoint_every": 4}}},
 }
+# Collection: plain SGD at a large rate (the tiny host's logits are flat next to a real model's),
+# 40 steps in one call. Two slots and chunks of two edits: each chunk puts one real edit on each
+# device, so each of the two processes fits a real edit in every chunk (with more slots than
+# edits per device, process 1 could hold only padding rows and a fault of its own would not
+# show); two slots cannot be compacted on two devices. The bank after the first chunk is the
+# resume point of the resume check.
+COLLECT_FIT = {
+    "learning_rate": 5.0,
+    "steps": 40,
+    "check_every": 40,
+    "batch_size": 2,
+    "min_batch": 2,
+    "chunk_size": 2,
+    "max_new_tokens": 8,
+}
+COLLECT = "--config.stage=collect"  # the stage alone: its upstream is finished in the workdir
 PIPELINE_TIMEOUT = 900  # s, for the three processes together on two loaded cores
+COLLECT_TIMEOUT = 900  # s, for the resumed collection, as PIPELINE_TIMEOUT: two shared cores
+
+
+def _fittable_llama(path: Path, vocab: int):
+    """tests/hf_tiny's Llama with weights drawn 25x wider (initializer_range 0.5).
+
+    At HF's default 0.02 the tiny random model's logits are nearly flat: no neuron makes it
+    say an answer (every fit fails, so every bank row is NaN). At 0.5, with the neuron in
+    layer 1, `COLLECT_FIT` fits some edits and fails others (2 of the first 6 CounterFact
+    edits): a bank of fitted and failed rows, whose success flags could disagree between two
+    runs.
+    """
+    from tests.hf_tiny import tiny_llama
+
+    return tiny_llama(path, vocab=vocab, init_range=0.5)
 
 
 @pytest.fixture(scope="module")
 def tiny_config_file(shared_data, tmp_path_factory) -> Path:
     """A config file (`get_config`) of the shortened tiny run; the work directory is overridden."""
-    from tiny_run import make_given_bank, make_tiny_host, tiny_run_config
+    from tiny_run import make_tiny_host, tiny_run_config
 
     root = tmp_path_factory.mktemp("dist")
-    host = make_tiny_host(root / "host", shared_data)
-    bank = make_given_bank(root / "given_bank.npz", shared_data, N_EDITS)
-    config = tiny_run_config(shared_data, host, bank, root / "unused", N_EDITS)
+    host = make_tiny_host(root / "host", shared_data, build=_fittable_llama)
+    config = tiny_run_config(shared_data, host, Path(""), root / "unused", N_EDITS)
     for section, values in QUICKER.items():
         config[section].update(values)
+    config["collect"] = {"bank": "", "fit": COLLECT_FIT}
     path = root / "tiny_config.py"
     path.write_text(f"def get_config(variant):\n    return {config!r}\n")
     return path
@@ -227,6 +260,16 @@ def _train(config: Path, workdir: Path, env: dict, log: Path, *more: str) -> sub
         return subprocess.Popen(
             [sys.executable, *args], env=env, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT
         )
+
+
+def _two_processes(config: Path, workdir: Path, logs: dict, *more: str) -> dict:
+    """`_train` in two processes x 1 device on `workdir` (logs["process0"], logs["process1"])."""
+    coordinator = f"localhost:{_free_port()}"
+    procs = {}
+    for i in range(2):
+        env = _env(1, MEG_COORDINATOR=coordinator, MEG_NUM_PROCESSES="2", MEG_PROCESS_ID=str(i))
+        procs[f"process{i}"] = _train(config, workdir, env, logs[f"process{i}"], *more)
+    return procs
 
 
 def _wait_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float) -> None:
@@ -272,26 +315,31 @@ def _assert_close_tree(multi, single, where: str, rel: float) -> None:
 
 @pytest.mark.slow
 def test_pipeline_in_two_processes_equals_one_process(tiny_config_file, tmp_path):
-    """Train (every stage) and evaluate in two processes x 1 device, and in 1 process x 2.
+    """Train (every stage) and evaluate in two processes x 1 device, and in 1 process x 2; then
+    collection (`--config.stage=collect`) resumed in two processes from its first saved chunk.
 
     Tolerance. Both runs compile the same programs for the same 2-device mesh with the same
     seeds and inputs; only the collectives differ (XLA's in-process all-reduce against gloo
-    between processes). A sum over two shards is the same in either order, so the results are
-    expected bit for bit, and everything discrete (predictions, routing decisions, bank rows,
-    file lists) is compared exactly. Floating-point artefacts (router entropies, generated
-    neurons, summary figures) are allowed 1e-5 relative, a few float32 ulps through a handful
-    of training steps, should a backend reorder a reduction: a real fault (a process training
-    on its half of a batch, a shard read twice, a seed per process) moves them by far more.
+    between processes). A sum over two shards is the same in either order, and each slot's fit
+    stays on one device (rows never interact), so the results are expected bit for bit, and
+    everything discrete (predictions, routing decisions, bank case ids and success flags, the
+    shared initial neuron, file lists) is compared exactly. Floating-point artefacts (fitted
+    neurons and losses, router entropies, generated neurons, summary figures) are allowed 1e-5
+    relative, a few float32 ulps through a handful of training steps, should a backend reorder
+    a reduction: a real fault (a process training on its half of a batch or fitting its slots
+    on the other's inputs, a shard read twice, a seed per process) moves them by far more.
+    Failed fits are NaN rows by design (`Collector.fit`), compared as NaN.
     """
-    from meg_jax.collect.bank import load_bank
+    import dataclasses
+
+    from meg_jax.collect.bank import load_bank, save_bank
 
     single, multi = tmp_path / "single", tmp_path / "multi"
-    coordinator = f"localhost:{_free_port()}"
     logs = {name: tmp_path / f"{name}.log" for name in ("single", "process0", "process1")}
-    procs = {"single": _train(tiny_config_file, single, _env(2), logs["single"])}
-    for i in range(2):
-        env = _env(1, MEG_COORDINATOR=coordinator, MEG_NUM_PROCESSES="2", MEG_PROCESS_ID=str(i))
-        procs[f"process{i}"] = _train(tiny_config_file, multi, env, logs[f"process{i}"])
+    procs = {
+        "single": _train(tiny_config_file, single, _env(2), logs["single"]),
+        **_two_processes(tiny_config_file, multi, logs),
+    }
     _wait_all(procs, logs, PIPELINE_TIMEOUT)
 
     # Process 0 alone wrote files and printed the report.
@@ -310,6 +358,19 @@ def test_pipeline_in_two_processes_equals_one_process(tiny_config_file, tmp_path
             count = len((single / name).read_text().splitlines())
             assert len((multi / name).read_text().splitlines()) == count, name
 
+    # The bank: the fits ran, some succeeded (their neurons left the shared start), some failed.
+    bank, multi_bank = load_bank(single / "collect/bank.npz"), load_bank(multi / "collect/bank.npz")
+    _assert_same_bank(multi_bank, bank, "two processes")
+    assert len(bank) == N_EDITS
+    assert bank.success.any() and not bank.success.all(), (bank.success, bank.final_loss)
+    moved = np.abs(bank.weights[bank.success] - bank.init).max(axis=1)
+    assert moved.min() > 1e-2, moved
+    assert np.isnan(bank.weights[~bank.success]).all() and np.isfinite(bank.final_loss).all()
+    collect_record = json.loads((multi / "collect/stage.json").read_text())
+    single_record = json.loads((single / "collect/stage.json").read_text())
+    assert collect_record["inputs"] == single_record["inputs"]
+    assert collect_record["summary"] == single_record["summary"]
+
     # The summary figures of the unedited and the edited model.
     summary = json.loads((single / "summary.json").read_text())
     _assert_close_tree(json.loads((multi / "summary.json").read_text()), summary, "summary", 1e-5)
@@ -320,10 +381,6 @@ def test_pipeline_in_two_processes_equals_one_process(tiny_config_file, tmp_path
         _assert_close_tree(
             [json.loads(r) for r in multi_rows], [json.loads(r) for r in rows], model, 1e-5
         )
-    # Bank rows.
-    bank, multi_bank = load_bank(single / "collect/bank.npz"), load_bank(multi / "collect/bank.npz")
-    for field in ("case_id", "weights", "success", "final_loss", "init"):
-        np.testing.assert_array_equal(getattr(multi_bank, field), getattr(bank, field), field)
     # Router decisions and generated neurons, read back from each run's artefacts.
     import meg_jax
 
@@ -340,158 +397,32 @@ def test_pipeline_in_two_processes_equals_one_process(tiny_config_file, tmp_path
     assert np.abs(flat1).max() > 0
     np.testing.assert_allclose(flat2, flat1, rtol=1e-5, atol=1e-6)
     print(
-        "largest differences: entropy",
+        "largest differences: fitted weights",
+        float(np.nanmax(np.abs(multi_bank.weights - bank.weights))),
+        "entropy",
         float(np.abs(h2 - h1).max()),
         "neurons",
         float(np.abs(flat2 - flat1).max()),
     )
 
-
-# Weight collection alone (the stage the pipeline test above replaces by a given bank), fitted
-# for real on a host that one neuron can move: two processes against one, then a resume.
-# Three edits (CounterFact ids 0, 1, 4) in chunks of 2: two chunks of the same padded length,
-# so one compiled fit program per process; the partial bank after the first chunk is the
-# resume point. Two slots, one per device: in the first chunk each process fits a real edit
-# (with more slots than edits per device, process 1 could hold only padding rows and a fault
-# of its own would not show). Plain SGD at a large rate (the tiny host's logits are flat next
-# to a real model's), 40 steps in one call; two slots cannot be compacted on two devices.
-COLLECT_EDITS = 3
-COLLECT_FIT = {
-    "learning_rate": 5.0,
-    "steps": 40,
-    "check_every": 40,
-    "batch_size": 2,
-    "min_batch": 2,
-    "chunk_size": 2,
-    "max_new_tokens": 8,
-}
-COLLECT = "--config.stage=collect"  # the stage alone: its upstream is finished in the workdir
-COLLECT_TIMEOUT = 900  # s, for each launch, as PIPELINE_TIMEOUT: two cores shared with other work
-
-
-def _fittable_llama(path: Path, vocab: int):
-    """tests/hf_tiny's Llama with weights drawn 25x wider (initializer_range 0.5).
-
-    At HF's default 0.02 the tiny random model's logits are nearly flat: no neuron makes it
-    say an answer (every fit fails, so every bank row is NaN). At 0.5, with the neuron in
-    layer 0, `COLLECT_FIT` fits some edits and fails others: a bank of fitted and failed rows,
-    whose success flags could disagree between two runs.
-    """
-    from tests.hf_tiny import tiny_llama
-
-    return tiny_llama(path, vocab=vocab, init_range=0.5)
-
-
-@pytest.fixture(scope="module")
-def collect_config(shared_data, tmp_path_factory) -> tuple[Path, dict]:
-    """(a config file, its dict) of edits, encoder and collect only: no pseudo-edits (the
-    encoder stays as loaded: nothing to train), no router, no given bank. The work directory
-    is overridden."""
-    from tiny_run import make_tiny_host, tiny_run_config
-
-    root = tmp_path_factory.mktemp("dist_collect")
-    host = make_tiny_host(root / "host", shared_data, build=_fittable_llama)
-    config = tiny_run_config(shared_data, host, Path(""), root / "unused", COLLECT_EDITS)
-    config["host"]["neuron_layer"] = 0
-    config["data"].update(pseudo="", n_pseudo_pairs=0, n_val_pairs=0, n_calibration=0)
-    config["router"]["enabled"] = False
-    config["collect"] = {"bank": "", "fit": COLLECT_FIT}
-    config["evaluate"] = False
-    path = root / "collect_config.py"
-    path.write_text(f"def get_config(variant):\n    return {config!r}\n")
-    return path, config
-
-
-def _collect_launches(config: Path, workdirs: dict, logs: dict, single: bool) -> None:
-    """`--config.stage=collect` in two processes x 1 device on `workdirs["multi"]` and, with
-    `single`, at the same time in one process x 2 devices on `workdirs["single"]`."""
-    procs = {}
-    if single:
-        procs["single"] = _train(config, workdirs["single"], _env(2), logs["single"], COLLECT)
-    coordinator = f"localhost:{_free_port()}"
-    for i in range(2):
-        env = _env(1, MEG_COORDINATOR=coordinator, MEG_NUM_PROCESSES="2", MEG_PROCESS_ID=str(i))
-        name = f"process{i}"
-        procs[name] = _train(config, workdirs["multi"], env, logs[name], COLLECT)
-    _wait_all(procs, {n: logs[n] for n in procs}, COLLECT_TIMEOUT)
-
-
-@pytest.mark.slow
-def test_collection_in_two_processes_equals_one_process(collect_config, tmp_path):
-    """Collection (`--config.stage=collect`) in 2 processes x 1 device and 1 process x 2 devices,
-    on copies of one finished edits stage; then the two-process run resumed from its first
-    saved chunk.
-
-    Tolerance: as in the pipeline test, the same programs run on the same 2-device mesh, and
-    each slot's fit stays on one device (rows never interact), so the banks are expected bit for
-    bit; case ids, success flags (a greedy decode) and the shared initial neuron are compared
-    exactly, weights and losses to 1e-5 relative, room for a reordered reduction over 40 steps:
-    a fault (a process fitting its slots on the other's inputs, a row fitted by the wrong
-    process, a seed per process) moves them by the whole fit. Failed fits are NaN rows by design
-    (`Collector.fit`), compared as NaN.
-    """
-    import dataclasses
-    import shutil
-
-    from meg_jax.collect.bank import load_bank, save_bank
-    from meg_jax.pipeline.config import pipeline_config
-    from meg_jax.pipeline.run import run
-
-    config_file, config = collect_config
-    prep = tmp_path / "prep"
-    workdirs = {"single": tmp_path / "single", "multi": tmp_path / "multi"}
-    single, multi = workdirs["single"], workdirs["multi"]
-    logs = {n: tmp_path / f"{n}.log" for n in ("single", "process0", "process1")}
-    # The upstream stages in this process, one stage at a time (each needs the one before).
-    for stage in ("edits", "encoder"):
-        run(pipeline_config({**config, "workdir": str(prep), "stage": stage}))
-    assert not (prep / "collect").exists()
-    shutil.copytree(prep, single)
-    shutil.copytree(prep, multi)
-
-    _collect_launches(config_file, workdirs, logs, single=True)
-    # Process 0 alone reported; the same files (no stray temporaries from a second writer).
-    assert "collect    ran" in logs["process0"].read_text()
-    assert "collect    ran" not in logs["process1"].read_text()
-    files = sorted(p.relative_to(single).as_posix() for p in single.rglob("*") if p.is_file())
-    multi_files = sorted(p.relative_to(multi).as_posix() for p in multi.rglob("*") if p.is_file())
-    assert multi_files == files
+    # Resume: the collect stage unfinished and its run directory holding the first chunk only,
+    # with losses marked so that a refit of that chunk (instead of its reuse) would show.
     (run_bank,) = [f for f in files if f.startswith("collect/runs/") and f.endswith("bank.npz")]
-
-    bank, multi_bank = load_bank(single / "collect/bank.npz"), load_bank(multi / "collect/bank.npz")
-    _assert_same_bank(multi_bank, bank, "two processes")
-    assert len(bank) == COLLECT_EDITS
-    # The fits ran: some succeeded (their neurons left the shared start), some failed.
-    assert bank.success.any() and not bank.success.all(), (bank.success, bank.final_loss)
-    moved = np.abs(bank.weights[bank.success] - bank.init).max(axis=1)
-    assert moved.min() > 1e-2, moved
-    assert np.isnan(bank.weights[~bank.success]).all() and np.isfinite(bank.final_loss).all()
-    single_record = json.loads((single / "collect/stage.json").read_text())
-    multi_record = json.loads((multi / "collect/stage.json").read_text())
-    assert multi_record["finished"] and multi_record["inputs"] == single_record["inputs"]
-    assert multi_record["summary"] == single_record["summary"]
-    print(
-        "largest differences: weights",
-        float(np.nanmax(np.abs(multi_bank.weights - bank.weights))),
-        "loss",
-        float(np.abs(multi_bank.final_loss - bank.final_loss).max()),
-    )
-
-    # Resume: the stage unfinished and its run directory holding the first chunk only, with
-    # losses marked so that a refit of that chunk (instead of its reuse) would show.
     chunk = COLLECT_FIT["chunk_size"]
     first = load_bank(multi / run_bank).select(np.arange(chunk))
     marked = dataclasses.replace(first, final_loss=first.final_loss + 1000.0)
     save_bank(marked, multi / run_bank)
     (multi / "collect/bank.npz").unlink()
-    multi_record["finished"] = False
-    (multi / "collect/stage.json").write_text(json.dumps(multi_record))
-    _collect_launches(config_file, workdirs, logs, single=False)
+    collect_record["finished"] = False
+    (multi / "collect/stage.json").write_text(json.dumps(collect_record))
+    logs = {name: tmp_path / f"resume-{name}.log" for name in ("process0", "process1")}
+    _wait_all(_two_processes(tiny_config_file, multi, logs, COLLECT), logs, COLLECT_TIMEOUT)
     assert "collect    resumed" in logs["process0"].read_text()
+    assert "collect    resumed" not in logs["process1"].read_text()
     resumed = load_bank(multi / "collect/bank.npz")
     _assert_same_bank(resumed.select(np.arange(chunk)), marked, "resumed, kept chunk")
-    rest = np.arange(chunk, COLLECT_EDITS)
-    _assert_same_bank(resumed.select(rest), bank.select(rest), "resumed, refitted chunk")
+    rest = np.arange(chunk, N_EDITS)
+    _assert_same_bank(resumed.select(rest), bank.select(rest), "resumed, refitted chunks")
     assert json.loads((multi / "collect/stage.json").read_text())["finished"]
 
 
