@@ -48,39 +48,38 @@ def xla_flags(n_devices: int) -> str:
     return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={n_devices}"
 
 
-# Seconds per test file in a full `-n 2` run on a 2-core machine (rounded; files not named
-# take under ~25 s), taken from a run that shared the machine with a job holding one core
-# (load average 3.0-8.1, median 5.5; 52.4 min in all): about twice an idle run. Only the order
-# of the run depends on them, never what a test checks.
+# Seconds per test file in a full `-n 2` run on an idle 2-core machine (575 s in all,
+# 2026-12-05), rounded to 5 s; files not named take under 5 s. Only the order of the run depends
+# on them, never what a test checks.
 SLOW_FILES = {
-    "test_baseline_pipeline.py": 750,
-    "test_distributed.py": 640,
-    "test_baselines_parity.py": 610,
-    "test_pipeline.py": 470,
-    "test_baselines_smollm2.py": 460,
-    "test_sharded_stages.py": 440,
-    "test_evaluator.py": 420,
-    "test_configs.py": 360,
-    "test_collect.py": 260,
-    "test_collect_fast.py": 190,
-    "test_seeds.py": 180,
-    "test_diffusion_train.py": 180,
-    "test_generation.py": 170,
-    "test_encoder.py": 150,
-    "test_routing_breakdown.py": 120,
-    "test_all_prompts.py": 120,
-    "test_router.py": 90,
-    "test_plan.py": 50,
-    "test_diffusion_dit.py": 50,
-    "test_decoder_parity.py": 50,
-    "test_faults_generator.py": 45,
-    "test_locality_readings.py": 45,
-    "test_zero_augmentation.py": 35,
-    "test_bert.py": 35,
-    "test_diffusion_samplers.py": 30,
-    "test_diffusion_capacity.py": 30,
-    "test_router_nearest.py": 30,
-    "test_neuron_patch.py": 25,
+    "test_baseline_pipeline.py": 135,
+    "test_distributed.py": 130,
+    "test_pipeline.py": 115,
+    "test_collect.py": 90,
+    "test_baselines_smollm2.py": 85,
+    "test_configs.py": 60,
+    "test_evaluator.py": 55,
+    "test_sharded_stages.py": 55,
+    "test_seeds.py": 50,
+    "test_all_prompts.py": 40,
+    "test_diffusion_train.py": 40,
+    "test_encoder.py": 35,
+    "test_baselines_parity.py": 35,
+    "test_collect_fast.py": 25,
+    "test_generation.py": 20,
+    "test_routing_breakdown.py": 20,
+    "test_router.py": 15,
+    "test_zero_augmentation.py": 10,
+    "test_faults_generator.py": 10,
+    "test_faults_checkpoints.py": 10,
+    "test_smollm2.py": 5,
+    "test_plan.py": 5,
+    "test_router_nearest.py": 5,
+    "test_diffusion_dit.py": 5,
+    "test_locality_readings.py": 5,
+    "test_decoder_parity.py": 5,
+    "test_diffusion_capacity.py": 5,
+    "test_bert.py": 5,
 }
 
 
