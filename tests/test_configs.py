@@ -147,10 +147,13 @@ def test_main_job_ctx_variant_fits_behind_contexts_in_its_own_workdir():
 
 def test_main_job_gate_and_condition_noise_variants_in_their_own_workdir():
     default, _ = load_config(["--config", _spec("smollm2", "cf")])
-    both, _ = load_config(["--config", _spec("smollm2", "cf", "gate=nearest,cn=0.5")])
-    assert default.router.kind == "familiarity" and default.generator.build().dit.cond_noise == 0
-    assert both.router.kind == "nearest" and both.generator.build().dit.cond_noise == 0.5
-    assert both.workdir == default.workdir + "_nearest_cn0.5"
+    both, _ = load_config(["--config", _spec("smollm2", "cf", "gate=nearest,cn=0.3")])
+    off, _ = load_config(["--config", _spec("smollm2", "cf", "cn=0")])
+    # The recipe's condition noise (the reference's condition dropout, in Gaussian form).
+    assert default.router.kind == "familiarity" and default.generator.build().dit.cond_noise == 0.5
+    assert both.router.kind == "nearest" and both.generator.build().dit.cond_noise == 0.3
+    assert both.workdir == default.workdir + "_nearest_cn0.3"
+    assert off.generator.build().dit.cond_noise == 0 and off.workdir == default.workdir + "_cn0"
     smoke, _ = load_config(["--config", _spec("smollm2", "cf", "smoke,cn=0.3")])
     assert smoke.generator.build().dit.cond_noise == 0.3
     assert smoke.generator.build().train.num_steps == 300  # the smoke budget is kept
