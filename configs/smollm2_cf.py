@@ -25,8 +25,8 @@ generator on conditions jittered by noise of norm about S (`DiTConfig.cond_noise
 neighbourhood of each edit's condition, where its paraphrases land, maps to its neuron: 0.5 by
 default, the reference's condition dropout in Gaussian form (`COND_NOISE`), `:cn=0` without it.
 Each has its own work directory (`_nearest`, `_cn<S>`). Measured over seeds
-(bench/results/quality.json, mean ± sample std): the default scores 74.9 ± 2.0 on
-CounterFact-256 (seeds 0, 1) and 73.0 ± 1.6 on CounterFact-1024 (seeds 0-2); without the noise
+(bench/results/quality.json, mean ± sample std): the default scores 75.3 ± 1.6 on
+CounterFact-256 and 73.0 ± 1.6 on CounterFact-1024 (seeds 0-2 each); without the noise
 it scored 69.3 ± 2.4 and 65.6 ± 0.1 (bench/results/quality_before_cond_noise.json), its
 generated neurons answering 48.9% of the routed paraphrases at 1,024 edits against 63.9% for the
 fitted neurons themselves (with it 61.9%). The best configuration, `:ctx=2,gate=nearest`, scores
